@@ -1,0 +1,154 @@
+"""Local dispatch: sort a layer's (token, expert) slots into rows grouped by expert, apply
+capacity, and put the expert outputs back as each token's weighted sum.
+
+Legend: T tokens, D model dim, E experts, K top-k, N = T*K slots, M rows handed to experts.
+A slot is one (token, choice) pair, numbered n = t*K + k. Every shape here is static given
+T, K, E and the config, so nothing waits on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from xpar.moe.config import MoEConfig
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, cfg: MoEConfig) -> int | None:
+    """Slots per expert: max(ceil(cf * T * k / E), min_capacity), never more than T (an expert
+    can get each token at most once). None when dropless."""
+    if cfg.capacity_factor is None:
+        return None
+    cap = math.ceil(cfg.capacity_factor * num_tokens * top_k / num_experts)
+    return min(max(cap, cfg.min_capacity), num_tokens)
+
+
+@dataclass
+class SlotRoute:
+    """Where each slot goes. Rows of one expert are contiguous, experts in order."""
+
+    row_of_slot_N: Tensor  # row in the expert input; == num_rows for a dropped slot
+    rows_per_expert_E: Tensor  # rows each expert owns (kept slots, or the capacity if padded)
+    kept_per_expert_E: Tensor  # slots each expert actually computes
+    num_rows: int  # M; rows past sum(rows_per_expert_E) are padding
+
+
+def route_slots(
+    topk_idx_TK: Tensor,
+    topk_w_TK: Tensor,
+    keep_TK: Tensor | None,
+    num_experts: int,
+    capacity: int | None,
+    drop_policy: str = "position",
+    pad: bool = False,
+) -> SlotRoute:
+    """Assign every slot a row, dropping what overflows `capacity`.
+
+    Within an expert, slots keep token order (`position`: the first `capacity` tokens win) or
+    go by weight, highest first, ties to the earlier token (`probs`). Router-dropped slots
+    (`keep_TK` False) are dropped before capacity is counted.
+    """
+    num_slots, E = topk_idx_TK.numel(), num_experts
+    expert_N = topk_idx_TK.flatten()
+    if keep_TK is not None:
+        expert_N = torch.where(keep_TK.flatten(), expert_N, E)  # a virtual expert, sorted last
+    if capacity is not None and drop_policy == "probs":
+        order_N = torch.argsort(-topk_w_TK.flatten(), stable=True)
+        order_N = order_N[torch.argsort(expert_N[order_N], stable=True)]
+    else:
+        order_N = torch.argsort(expert_N, stable=True)
+    sorted_expert_N = expert_N[order_N]
+    counts_E = torch.bincount(expert_N, minlength=E + 1)
+    pos_N = (
+        torch.arange(num_slots, device=expert_N.device)
+        - (counts_E.cumsum(0) - counts_E)[sorted_expert_N]
+    )
+    real_N = sorted_expert_N < E
+    kept_E = counts_E[:E] if capacity is None else counts_E[:E].clamp(max=capacity)
+    kept_N = real_N if capacity is None else real_N & (pos_N < capacity)
+    expert_N = sorted_expert_N.clamp(max=E - 1)
+    if pad:
+        num_rows = E * capacity
+        rows_E = torch.full_like(kept_E, capacity)
+        row_N = expert_N * capacity + pos_N
+    else:
+        num_rows = num_slots if capacity is None else min(num_slots, E * capacity)
+        rows_E = kept_E
+        row_N = (kept_E.cumsum(0) - kept_E)[expert_N] + pos_N
+    row_N = torch.where(kept_N, row_N, num_rows)
+    row_of_slot_N = torch.empty_like(row_N).scatter_(0, order_N, row_N)
+    return SlotRoute(row_of_slot_N, rows_E, kept_E, num_rows)
+
+
+class _Permute(torch.autograd.Function):
+    """x_TD → x_MD by gathering each row's token; the backward pass is also a gather (the sum
+    of a token's K slot gradients), so it is deterministic and needs no atomics."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, token_of_row_M: Tensor, row_of_slot_N: Tensor) -> Tensor:
+        ctx.save_for_backward(row_of_slot_N)
+        ctx.num_tokens = x_TD.shape[0]
+        return _pad_row(x_TD)[token_of_row_M]
+
+    @staticmethod
+    def backward(ctx, grad_MD: Tensor):
+        (row_of_slot_N,) = ctx.saved_tensors
+        grad_NKD = _pad_row(grad_MD)[row_of_slot_N].view(ctx.num_tokens, -1, grad_MD.shape[1])
+        return grad_NKD.sum(1), None, None
+
+
+def _pad_row(x: Tensor) -> Tensor:
+    """x with one zero row appended: the source of padding rows and dropped slots."""
+    return torch.cat([x, x.new_zeros(1, x.shape[1])])
+
+
+@dataclass
+class DispatchContext:
+    """What combine() needs to undo dispatch()."""
+
+    row_of_slot_N: Tensor
+    topk_w_TK: Tensor
+    dropped_fraction: Tensor  # 0-dim, of the T*K slots, router drops included
+
+
+class LocalDispatcher:
+    """One rank: rows go to the local experts; the only piece that would ever communicate."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        self.cfg = cfg
+
+    def dispatch(
+        self, x_TD: Tensor, topk_idx_TK: Tensor, topk_w_TK: Tensor, keep_TK: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, DispatchContext]:
+        """Returns x_MD grouped by expert, rows per expert, and the context for combine()."""
+        num_tokens, top_k = topk_idx_TK.shape
+        cfg = self.cfg
+        capacity = expert_capacity(num_tokens, cfg.num_experts, top_k, cfg)
+        route = route_slots(
+            topk_idx_TK,
+            topk_w_TK,
+            keep_TK,
+            cfg.num_experts,
+            capacity,
+            cfg.drop_policy,
+            cfg.pad_to_capacity,
+        )
+        num_slots = topk_idx_TK.numel()
+        token_of_slot_N = torch.arange(num_slots, device=x_TD.device) // top_k
+        # Rows nobody writes to read the appended zero row (index T).
+        token_of_row_M = torch.full((route.num_rows + 1,), num_tokens, device=x_TD.device)
+        token_of_row_M = token_of_row_M.scatter(0, route.row_of_slot_N, token_of_slot_N)
+        x_MD = _Permute.apply(x_TD, token_of_row_M[:-1], route.row_of_slot_N)
+        dropped = 1.0 - route.kept_per_expert_E.sum() / num_slots
+        ctx = DispatchContext(route.row_of_slot_N, topk_w_TK, dropped.detach())
+        return x_MD, route.rows_per_expert_E, ctx
+
+    def combine(self, y_MD: Tensor, ctx: DispatchContext) -> Tensor:
+        """out_TD = sum_k w_TK * y(row of slot (t, k)); dropped slots read a zero row."""
+        num_tokens, top_k = ctx.topk_w_TK.shape
+        y_TKD = _pad_row(y_MD)[ctx.row_of_slot_N].view(num_tokens, top_k, -1)
+        w_T1K = ctx.topk_w_TK.unsqueeze(1).to(y_TKD.dtype)
+        return torch.bmm(w_T1K, y_TKD).squeeze(1)

@@ -1,0 +1,88 @@
+"""SwiGLU experts: a dense SwiGLU MLP and a bank of E experts run as grouped GEMMs.
+
+Legend: N routed rows (grouped by expert), D model dim, F expert hidden dim, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP: w2(silu(w1 x) * w3 x). Used for dense FFNs and shared experts."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate proj
+        self.w3 = nn.Linear(d_model, hidden, bias=False)  # up proj
+        self.w2 = nn.Linear(hidden, d_model, bias=False)  # down proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _gmm(x_ND: Tensor, w_EOI: Tensor, offs_E: Tensor) -> Tensor:
+    """Row groups of x times each expert's w^T; w is stored [E, out, in] so its transpose
+    is the column-major operand the CUDA kernel wants."""
+    return F.grouped_mm(x_ND, w_EOI.to(x_ND.dtype).transpose(-2, -1), offs=offs_E)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts over rows already grouped by expert.
+
+    `forward(x_ND, tokens_per_expert_E)`: rows [0, c0) go to expert 0, the next c1 to
+    expert 1, and so on; rows past the sum of the counts are padding and come out as zeros
+    (their gradients are zero too). On CUDA with bf16 the three expert matmuls run as grouped
+    GEMMs with no host synchronisation; elsewhere a per-expert loop computes the same thing.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, impl: str = "auto") -> None:
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ff, self.impl = num_experts, d_model, d_ff, impl
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w1, std=std)
+        nn.init.normal_(self.w3, std=std)
+        nn.init.normal_(self.w2, std=std if out_std is None else out_std)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
+
+    def use_grouped_mm(self, x_ND: Tensor) -> bool:
+        if self.impl == "auto":
+            return x_ND.is_cuda and x_ND.dtype == torch.bfloat16
+        return self.impl == "grouped_mm"
+
+    def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        if self.use_grouped_mm(x_ND):
+            return self._forward_grouped(x_ND, tokens_per_expert_E)
+        return self._forward_loop(x_ND, tokens_per_expert_E)
+
+    def _forward_grouped(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        # The kernel leaves rows past offs[-1] unwritten (garbage) in forward and backward;
+        # where() on both sides keeps them out of outputs and input gradients.
+        valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1]).unsqueeze(1)
+        x_ND = torch.where(valid_N1, x_ND, 0)
+        h_NF = F.silu(_gmm(x_ND, self.w1, offs_E)) * _gmm(x_ND, self.w3, offs_E)
+        y_ND = _gmm(h_NF, self.w2, offs_E)
+        return torch.where(valid_N1, y_ND, 0)
+
+    def _forward_loop(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        # Host-side counts: fine on CPU, and the fallback for dtypes the kernel lacks.
+        counts = tokens_per_expert_E.tolist()
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            x = x_ND[start : start + n]
+            w1, w3, w2 = (w[e].to(x_ND.dtype) for w in (self.w1, self.w3, self.w2))
+            outs.append((F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T)
+            start += n
+        outs.append(x_ND.new_zeros(x_ND.shape[0] - start, self.d_model))
+        # Every expert, idle ones too, took part above, so each gets a (zero) gradient.
+        return torch.cat(outs)

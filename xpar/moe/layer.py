@@ -1,0 +1,70 @@
+"""MoELayer: router → dispatcher → grouped experts → weighted combine (+ shared experts).
+
+Legend: T tokens, D model dim, E experts, M rows handed to the experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from xpar.moe.config import MoEConfig
+from xpar.moe.dispatcher import LocalDispatcher
+from xpar.moe.experts import GroupedExperts, SwiGLU
+from xpar.moe.router import TopKRouter
+from xpar.moe.two_level import TwoLevelRouter
+
+
+@dataclass
+class MoEAux:
+    """A layer's losses and statistics for one forward pass. Statistics are detached
+    tensors, so reading them as Python numbers is the only thing that waits on the device."""
+
+    loss: Tensor  # coefficient-weighted aux + z loss: add it to the training loss
+    aux_loss: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor  # [E] slots routed to each expert, before drops
+    dropped: Tensor  # 0-dim fraction of the T*K slots dropped
+    router_entropy: Tensor
+
+    @property
+    def dropped_fraction(self) -> float:
+        return float(self.dropped)
+
+
+class MoELayer(nn.Module):
+    """A sparse MoE FFN. `forward(x)` takes [T, D] or [B, S, D] and returns (out, MoEAux)."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = TwoLevelRouter(cfg) if cfg.router == "two_level" else TopKRouter(cfg)
+        self.dispatcher = LocalDispatcher(cfg)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.experts_impl)
+        self.experts.reset_parameters(cfg.init_std)
+        self.shared_expert = None
+        if cfg.num_shared_experts:
+            self.shared_expert = SwiGLU(cfg.d_model, cfg.shared_hidden)
+            for p in self.shared_expert.parameters():
+                nn.init.normal_(p, std=cfg.init_std)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        x_TD = x.reshape(-1, self.cfg.d_model)
+        r = self.router(x_TD)
+        x_MD, rows_per_expert_E, ctx = self.dispatcher.dispatch(
+            x_TD, r.topk_idx_TK, r.topk_w_TK, r.keep_TK
+        )
+        y_MD = self.experts(x_MD, rows_per_expert_E)
+        out_TD = self.dispatcher.combine(y_MD, ctx).to(x.dtype)
+        if self.shared_expert is not None:
+            out_TD = out_TD + self.shared_expert(x_TD)
+        aux = MoEAux(
+            loss=r.loss,
+            aux_loss=r.aux_loss,
+            z_loss=r.z_loss,
+            tokens_per_expert=r.tokens_per_expert_E,
+            dropped=ctx.dropped_fraction,
+            router_entropy=r.entropy,
+        )
+        return out_TD.view(x.shape), aux
