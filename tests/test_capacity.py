@@ -23,7 +23,8 @@ def test_kept_within_capacity_and_conserved(policy, pad, seed):
     T, E, K, cap = 40, 6, 2, 9
     idx, w = _random_routing(T, E, K, seed)
     route = route_slots(idx, w, None, E, cap, policy, pad)
-    kept_slots = route.row_of_slot_N < route.num_rows
+    kept_slots = route.row_of_slot_N < route.num_rows - 1
+    assert torch.all(route.row_of_slot_N[~kept_slots] == route.num_rows - 1)
     kept_per_expert = torch.bincount(idx.flatten()[kept_slots], minlength=E)
     assert torch.all(kept_per_expert <= cap)
     assert torch.equal(kept_per_expert, route.kept_per_expert_E)

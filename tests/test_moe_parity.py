@@ -79,3 +79,26 @@ def test_accepts_tokens_or_batches():
     out2, _ = layer(x.view(10, 8))
     assert out3.shape == (2, 5, 8)
     torch.testing.assert_close(out3.view(10, 8), out2, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routing", ROUTINGS[:1] + ROUTINGS[3:4], ids=["topk", "two_level"])
+@pytest.mark.parametrize("cf", [None, 1.25])
+def test_cuda_bf16_layer_matches_fp32_cpu_and_never_syncs(routing, cf):
+    cfg = MoEConfig(d_model=256, d_ff=512, num_experts=8, top_k=2, capacity_factor=cf, **routing)
+    cpu = MoELayer(cfg)
+    gpu = MoELayer(cfg).cuda().bfloat16()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(512, 256)
+    ref, _ = cpu(x)
+    xg = x.cuda().bfloat16().requires_grad_()
+    out, aux = gpu(xg)  # warm-up: kernels load, allocator grows
+    out.float().square().mean().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync now raises
+    try:
+        out, aux = gpu(xg)
+        (out.float().square().mean() + aux.loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=5e-2, atol=5e-2)

@@ -3,7 +3,8 @@ capacity, and put the expert outputs back as each token's weighted sum.
 
 Legend: T tokens, D model dim, E experts, K top-k, N = T*K slots, M rows handed to experts.
 A slot is one (token, choice) pair, numbered n = t*K + k. Every shape here is static given
-T, K, E and the config, so nothing waits on the device.
+T, K, E and the config, so nothing waits on the device. The last of the M rows is always a
+padding row: dropped slots point at it, and experts return zeros for padding rows.
 """
 
 from __future__ import annotations
@@ -30,10 +31,16 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, cfg: MoEConfi
 class SlotRoute:
     """Where each slot goes. Rows of one expert are contiguous, experts in order."""
 
-    row_of_slot_N: Tensor  # row in the expert input; == num_rows for a dropped slot
+    row_of_slot_N: Tensor  # row in the expert input; num_rows - 1 (padding) for a dropped slot
     rows_per_expert_E: Tensor  # rows each expert owns (kept slots, or the capacity if padded)
     kept_per_expert_E: Tensor  # slots each expert actually computes
-    num_rows: int  # M; rows past sum(rows_per_expert_E) are padding
+    num_rows: int  # M; rows past sum(rows_per_expert_E) are padding, the last one always
+
+
+def count_per_expert(expert_N: Tensor, num_experts: int) -> Tensor:
+    """Slots per expert. Unlike bincount, never waits on the device to size its output."""
+    counts_E = expert_N.new_zeros(num_experts)
+    return counts_E.scatter_add_(0, expert_N, torch.ones_like(expert_N))
 
 
 def route_slots(
@@ -61,7 +68,7 @@ def route_slots(
     else:
         order_N = torch.argsort(expert_N, stable=True)
     sorted_expert_N = expert_N[order_N]
-    counts_E = torch.bincount(expert_N, minlength=E + 1)
+    counts_E = count_per_expert(expert_N, E + 1)
     pos_N = (
         torch.arange(num_slots, device=expert_N.device)
         - (counts_E.cumsum(0) - counts_E)[sorted_expert_N]
@@ -71,38 +78,34 @@ def route_slots(
     kept_N = real_N if capacity is None else real_N & (pos_N < capacity)
     expert_N = sorted_expert_N.clamp(max=E - 1)
     if pad:
-        num_rows = E * capacity
+        num_rows = E * capacity + 1
         rows_E = torch.full_like(kept_E, capacity)
         row_N = expert_N * capacity + pos_N
     else:
-        num_rows = num_slots if capacity is None else min(num_slots, E * capacity)
+        num_rows = (num_slots if capacity is None else min(num_slots, E * capacity)) + 1
         rows_E = kept_E
         row_N = (kept_E.cumsum(0) - kept_E)[expert_N] + pos_N
-    row_N = torch.where(kept_N, row_N, num_rows)
+    row_N = torch.where(kept_N, row_N, num_rows - 1)
     row_of_slot_N = torch.empty_like(row_N).scatter_(0, order_N, row_N)
     return SlotRoute(row_of_slot_N, rows_E, kept_E, num_rows)
 
 
 class _Permute(torch.autograd.Function):
     """x_TD → x_MD by gathering each row's token; the backward pass is also a gather (the sum
-    of a token's K slot gradients), so it is deterministic and needs no atomics."""
+    of a token's K slot gradients), so it is deterministic and needs no atomics. Dropped slots
+    read the padding row, whose gradient the experts leave at zero."""
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, token_of_row_M: Tensor, row_of_slot_N: Tensor) -> Tensor:
         ctx.save_for_backward(row_of_slot_N)
         ctx.num_tokens = x_TD.shape[0]
-        return _pad_row(x_TD)[token_of_row_M]
+        return x_TD[token_of_row_M]
 
     @staticmethod
     def backward(ctx, grad_MD: Tensor):
         (row_of_slot_N,) = ctx.saved_tensors
-        grad_NKD = _pad_row(grad_MD)[row_of_slot_N].view(ctx.num_tokens, -1, grad_MD.shape[1])
-        return grad_NKD.sum(1), None, None
-
-
-def _pad_row(x: Tensor) -> Tensor:
-    """x with one zero row appended: the source of padding rows and dropped slots."""
-    return torch.cat([x, x.new_zeros(1, x.shape[1])])
+        grad_TKD = grad_MD[row_of_slot_N].view(ctx.num_tokens, -1, grad_MD.shape[1])
+        return grad_TKD.sum(1), None, None
 
 
 @dataclass
@@ -138,17 +141,18 @@ class LocalDispatcher:
         )
         num_slots = topk_idx_TK.numel()
         token_of_slot_N = torch.arange(num_slots, device=x_TD.device) // top_k
-        # Rows nobody writes to read the appended zero row (index T).
-        token_of_row_M = torch.full((route.num_rows + 1,), num_tokens, device=x_TD.device)
-        token_of_row_M = token_of_row_M.scatter(0, route.row_of_slot_N, token_of_slot_N)
-        x_MD = _Permute.apply(x_TD, token_of_row_M[:-1], route.row_of_slot_N)
+        # Padding rows copy token 0 (or a dropped token): any finite row will do, since the
+        # experts mask padding rows out.
+        token_of_row_M = torch.zeros(route.num_rows, dtype=torch.long, device=x_TD.device)
+        token_of_row_M.scatter_(0, route.row_of_slot_N, token_of_slot_N)
+        x_MD = _Permute.apply(x_TD, token_of_row_M, route.row_of_slot_N)
         dropped = 1.0 - route.kept_per_expert_E.sum() / num_slots
         ctx = DispatchContext(route.row_of_slot_N, topk_w_TK, dropped.detach())
         return x_MD, route.rows_per_expert_E, ctx
 
     def combine(self, y_MD: Tensor, ctx: DispatchContext) -> Tensor:
-        """out_TD = sum_k w_TK * y(row of slot (t, k)); dropped slots read a zero row."""
+        """out_TD = sum_k w_TK * y(row of slot (t, k)); dropped slots read the zero padding row."""
         num_tokens, top_k = ctx.topk_w_TK.shape
-        y_TKD = _pad_row(y_MD)[ctx.row_of_slot_N].view(num_tokens, top_k, -1)
+        y_TKD = y_MD[ctx.row_of_slot_N].view(num_tokens, top_k, -1)
         w_T1K = ctx.topk_w_TK.unsqueeze(1).to(y_TKD.dtype)
         return torch.bmm(w_T1K, y_TKD).squeeze(1)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xpar.moe.config import MoEConfig
+from xpar.moe.dispatcher import count_per_expert
 
 
 @dataclass
@@ -100,7 +101,7 @@ class BaseRouter(nn.Module):
             denom = topk_w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(topk_w_TK.dtype).tiny)
             topk_w_TK = topk_w_TK / denom
         topk_w_TK = topk_w_TK * cfg.route_scale
-        counts_E = torch.bincount(topk_idx_TK.flatten(), minlength=cfg.num_experts)
+        counts_E = count_per_expert(topk_idx_TK.flatten(), cfg.num_experts)
         if self.training and cfg.bias_update_rate > 0:
             self.pending_load += counts_E.to(self.pending_load.dtype)
         aux = load_balance_loss(probs_TE, counts_E, cfg.top_k)
