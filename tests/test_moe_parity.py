@@ -87,9 +87,12 @@ def test_accepts_tokens_or_batches():
 def test_cuda_bf16_layer_matches_fp32_cpu_and_never_syncs(routing, cf):
     cfg = MoEConfig(d_model=256, d_ff=512, num_experts=8, top_k=2, capacity_factor=cf, **routing)
     cpu = MoELayer(cfg)
+    with torch.no_grad():  # bf16-representable weights and input: both route identically
+        for p in cpu.parameters():
+            p.copy_(p.bfloat16().float())
     gpu = MoELayer(cfg).cuda().bfloat16()
     gpu.load_state_dict(cpu.state_dict())
-    x = torch.randn(512, 256)
+    x = torch.randn(512, 256).bfloat16().float()
     ref, _ = cpu(x)
     xg = x.cuda().bfloat16().requires_grad_()
     out, aux = gpu(xg)  # warm-up: kernels load, allocator grows
