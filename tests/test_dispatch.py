@@ -63,3 +63,32 @@ def test_capacity_round_trip_zeroes_only_dropped_slots():
     assert torch.equal(out[:6], 2 * x[:6])
     assert torch.count_nonzero(out[6:]) == 0
     assert float(ctx.dropped_fraction) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_combine_backward_matches_autograd_and_skips_padding(pad):
+    T, E, D, K = 10, 4, 3, 2
+    idx = CASES["all_to_one"](T, E, K)
+    cfg = MoEConfig(d_model=D, d_ff=4, num_experts=E, top_k=K, capacity_factor=1.0,
+                    pad_to_capacity=pad)  # fmt: skip
+    disp = LocalDispatcher(cfg)
+    w = torch.rand(T, K, requires_grad=True)
+    x_MD, rows_E, ctx = disp.dispatch(torch.randn(T, D), idx, w)
+    y = torch.randn(x_MD.shape[0], D)
+    y[-1] = 0  # experts return zeros for padding rows, the last row among them
+    y.requires_grad_()
+    g = torch.randn(T, D)
+    (disp.combine(y, ctx) * g).sum().backward()
+    # Plain autograd over the same gather, with padding rows forced to zero.
+    y2 = y.detach().clone().requires_grad_()
+    w2 = w.detach().clone().requires_grad_()
+    kept = ctx.row_of_slot_N != x_MD.shape[0] - 1
+    rows = torch.where(kept, ctx.row_of_slot_N, 0)
+    picked = y2[rows] * kept.unsqueeze(1)
+    ref = (picked.view(T, K, D) * w2.unsqueeze(-1)).sum(1)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+    torch.testing.assert_close(y.grad, y2.grad)
+    real_rows = torch.zeros(x_MD.shape[0], dtype=torch.bool)
+    real_rows[ctx.row_of_slot_N[kept]] = True
+    assert torch.count_nonzero(y.grad[~real_rows]) == 0

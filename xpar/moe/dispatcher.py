@@ -108,11 +108,37 @@ class _Permute(torch.autograd.Function):
         return grad_TKD.sum(1), None, None
 
 
+class _Combine(torch.autograd.Function):
+    """out_TD = sum_k w_TK * y_MD[row of slot (t, k)]. Both backward products are gathers:
+    row m's gradient is its slot's weight times its token's gradient, and zero for padding
+    rows, which name the sentinel slot N of weight 0."""
+
+    @staticmethod
+    def forward(ctx, y_MD, topk_w_TK, row_of_slot_N, slot_of_row_M, token_of_row_M):
+        num_tokens, top_k = topk_w_TK.shape
+        y_TKD = y_MD[row_of_slot_N].view(num_tokens, top_k, -1)
+        ctx.save_for_backward(y_TKD, topk_w_TK, slot_of_row_M, token_of_row_M)
+        return torch.bmm(topk_w_TK.unsqueeze(1).to(y_MD.dtype), y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):
+        y_TKD, topk_w_TK, slot_of_row_M, token_of_row_M = ctx.saved_tensors
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_N = torch.cat([topk_w_TK.flatten(), topk_w_TK.new_zeros(1)])
+            grad_y = grad_TD[token_of_row_M] * w_N[slot_of_row_M].unsqueeze(1).to(grad_TD.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(y_TKD, grad_TD.unsqueeze(-1)).squeeze(-1).to(topk_w_TK.dtype)
+        return grad_y, grad_w, None, None, None
+
+
 @dataclass
 class DispatchContext:
     """What combine() needs to undo dispatch()."""
 
     row_of_slot_N: Tensor
+    slot_of_row_M: Tensor  # padding rows name the sentinel slot N
+    token_of_row_M: Tensor  # padding rows name token T - 1 (any finite row will do)
     topk_w_TK: Tensor
     dropped_fraction: Tensor  # 0-dim, of the T*K slots, router drops included
 
@@ -139,20 +165,22 @@ class LocalDispatcher:
             cfg.drop_policy,
             cfg.pad_to_capacity,
         )
-        num_slots = topk_idx_TK.numel()
-        token_of_slot_N = torch.arange(num_slots, device=x_TD.device) // top_k
-        # Padding rows copy token 0 (or a dropped token): any finite row will do, since the
-        # experts mask padding rows out.
-        token_of_row_M = torch.zeros(route.num_rows, dtype=torch.long, device=x_TD.device)
-        token_of_row_M.scatter_(0, route.row_of_slot_N, token_of_slot_N)
+        num_slots, num_rows, dev = topk_idx_TK.numel(), route.num_rows, x_TD.device
+        # Invert row_of_slot; dropped slots write to a scratch entry past the last row.
+        dest_N = torch.where(route.row_of_slot_N < num_rows - 1, route.row_of_slot_N, num_rows)
+        slot_of_row_M = torch.full((num_rows + 1,), num_slots, dtype=torch.long, device=dev)
+        slot_of_row_M = slot_of_row_M.scatter_(0, dest_N, torch.arange(num_slots, device=dev))
+        slot_of_row_M = slot_of_row_M[:num_rows]
+        token_of_row_M = (slot_of_row_M // top_k).clamp_(max=num_tokens - 1)
         x_MD = _Permute.apply(x_TD, token_of_row_M, route.row_of_slot_N)
-        dropped = 1.0 - route.kept_per_expert_E.sum() / num_slots
-        ctx = DispatchContext(route.row_of_slot_N, topk_w_TK, dropped.detach())
+        dropped = (1.0 - route.kept_per_expert_E.sum() / num_slots).detach()
+        ctx = DispatchContext(
+            route.row_of_slot_N, slot_of_row_M, token_of_row_M, topk_w_TK, dropped
+        )
         return x_MD, route.rows_per_expert_E, ctx
 
     def combine(self, y_MD: Tensor, ctx: DispatchContext) -> Tensor:
         """out_TD = sum_k w_TK * y(row of slot (t, k)); dropped slots read the zero padding row."""
-        num_tokens, top_k = ctx.topk_w_TK.shape
-        y_TKD = y_MD[ctx.row_of_slot_N].view(num_tokens, top_k, -1)
-        w_T1K = ctx.topk_w_TK.unsqueeze(1).to(y_TKD.dtype)
-        return torch.bmm(w_T1K, y_TKD).squeeze(1)
+        return _Combine.apply(
+            y_MD, ctx.topk_w_TK, ctx.row_of_slot_N, ctx.slot_of_row_M, ctx.token_of_row_M
+        )
