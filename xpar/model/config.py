@@ -5,14 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from xpar.checks import at_least
 from xpar.moe import MoEConfig
 
 
 def _at_least(field: str, value: float, low: float, *, strict: bool = False) -> None:
-    bad = value <= low if strict else value < low
-    if bad:
-        rel = ">" if strict else ">="
-        raise ValueError(f"model.{field}={value} must be {rel} {low}")
+    at_least(f"model.{field}", value, low, strict=strict)
 
 
 @dataclass

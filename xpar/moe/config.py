@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from xpar.checks import at_least, one_of
+
 ROUTERS = ("topk", "two_level")
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("learned", "topk_sum")
@@ -11,16 +13,12 @@ DROP_POLICIES = ("position", "probs")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 
 
-def _choice(field: str, value: object, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"moe.{field}={value!r} is not one of {list(valid)}")
-
-
 def _at_least(field: str, value: float, low: float, *, strict: bool = False) -> None:
-    bad = value <= low if strict else value < low
-    if bad:
-        rel = ">" if strict else ">="
-        raise ValueError(f"moe.{field}={value} must be {rel} {low}")
+    at_least(f"moe.{field}", value, low, strict=strict)
+
+
+def _choice(field: str, value: object, valid: tuple[str, ...]) -> None:
+    one_of(f"moe.{field}", value, valid)
 
 
 @dataclass

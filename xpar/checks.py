@@ -1,0 +1,15 @@
+"""Config checks shared by the typed configs: each raises a ValueError that names the field
+(`section.field`), its value and what would be valid."""
+
+from __future__ import annotations
+
+
+def at_least(name: str, value: float, low: float, *, strict: bool = False) -> None:
+    """`name` must be >= low (> low when strict)."""
+    if value <= low if strict else value < low:
+        raise ValueError(f"{name}={value} must be {'>' if strict else '>='} {low}")
+
+
+def one_of(name: str, value: object, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not one of {list(valid)}")
