@@ -4,7 +4,7 @@ capacity, and put the expert outputs back as each token's weighted sum.
 Legend: T tokens, D model dim, E experts, K top-k, N = T*K slots, M rows handed to experts.
 A slot is one (token, choice) pair, numbered n = t*K + k. Every shape here is static given
 T, K, E and the config, so nothing waits on the device. The last of the M rows is always a
-padding row: dropped slots point at it, and experts return zeros for padding rows.
+padding row: dropped slots point at it and weigh zero in combine().
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def route_slots(
 class _Permute(torch.autograd.Function):
     """x_TD → x_MD by gathering each row's token; the backward pass is also a gather (the sum
     of a token's K slot gradients), so it is deterministic and needs no atomics. Dropped slots
-    read the padding row, whose gradient the experts leave at zero."""
+    read the padding row, whose gradient is zero since it weighs zero in combine()."""
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, token_of_row_M: Tensor, row_of_slot_N: Tensor) -> Tensor:
@@ -109,27 +109,30 @@ class _Permute(torch.autograd.Function):
 
 
 class _Combine(torch.autograd.Function):
-    """out_TD = sum_k w_TK * y_MD[row of slot (t, k)]. Both backward products are gathers:
-    row m's gradient is its slot's weight times its token's gradient, and zero for padding
-    rows, which name the sentinel slot N of weight 0."""
+    """out_TD = sum_k w_TK * y_MD[row of slot (t, k)], a dropped slot weighing 0 whatever
+    its (padding) row holds. Both backward products are gathers: row m's gradient is its
+    slot's weight times its token's gradient, and zero for padding rows, which name the
+    sentinel slot N of weight 0."""
 
     @staticmethod
-    def forward(ctx, y_MD, topk_w_TK, row_of_slot_N, slot_of_row_M, token_of_row_M):
+    def forward(ctx, y_MD, topk_w_TK, kept_TK, row_of_slot_N, slot_of_row_M, token_of_row_M):
         num_tokens, top_k = topk_w_TK.shape
         y_TKD = y_MD[row_of_slot_N].view(num_tokens, top_k, -1)
-        ctx.save_for_backward(y_TKD, topk_w_TK, slot_of_row_M, token_of_row_M)
-        return torch.bmm(topk_w_TK.unsqueeze(1).to(y_MD.dtype), y_TKD).squeeze(1)
+        w_TK = topk_w_TK.masked_fill(~kept_TK, 0.0)
+        ctx.save_for_backward(y_TKD, w_TK, kept_TK, slot_of_row_M, token_of_row_M)
+        return torch.bmm(w_TK.unsqueeze(1).to(y_MD.dtype), y_TKD).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor):
-        y_TKD, topk_w_TK, slot_of_row_M, token_of_row_M = ctx.saved_tensors
+        y_TKD, w_TK, kept_TK, slot_of_row_M, token_of_row_M = ctx.saved_tensors
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
-            w_N = torch.cat([topk_w_TK.flatten(), topk_w_TK.new_zeros(1)])
+            w_N = torch.cat([w_TK.flatten(), w_TK.new_zeros(1)])
             grad_y = grad_TD[token_of_row_M] * w_N[slot_of_row_M].unsqueeze(1).to(grad_TD.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(y_TKD, grad_TD.unsqueeze(-1)).squeeze(-1).to(topk_w_TK.dtype)
-        return grad_y, grad_w, None, None, None
+            grad_w = torch.bmm(y_TKD, grad_TD.unsqueeze(-1)).squeeze(-1).to(w_TK.dtype)
+            grad_w = grad_w.masked_fill_(~kept_TK, 0.0)
+        return grad_y, grad_w, None, None, None, None
 
 
 @dataclass
@@ -137,6 +140,7 @@ class DispatchContext:
     """What combine() needs to undo dispatch()."""
 
     row_of_slot_N: Tensor
+    kept_TK: Tensor  # False for dropped slots
     slot_of_row_M: Tensor  # padding rows name the sentinel slot N
     token_of_row_M: Tensor  # padding rows name token T - 1 (any finite row will do)
     topk_w_TK: Tensor
@@ -167,7 +171,8 @@ class LocalDispatcher:
         )
         num_slots, num_rows, dev = topk_idx_TK.numel(), route.num_rows, x_TD.device
         # Invert row_of_slot; dropped slots write to a scratch entry past the last row.
-        dest_N = torch.where(route.row_of_slot_N < num_rows - 1, route.row_of_slot_N, num_rows)
+        kept_N = route.row_of_slot_N < num_rows - 1
+        dest_N = torch.where(kept_N, route.row_of_slot_N, num_rows)
         slot_of_row_M = torch.full((num_rows + 1,), num_slots, dtype=torch.long, device=dev)
         slot_of_row_M = slot_of_row_M.scatter_(0, dest_N, torch.arange(num_slots, device=dev))
         slot_of_row_M = slot_of_row_M[:num_rows]
@@ -175,12 +180,22 @@ class LocalDispatcher:
         x_MD = _Permute.apply(x_TD, token_of_row_M, route.row_of_slot_N)
         dropped = (1.0 - route.kept_per_expert_E.sum() / num_slots).detach()
         ctx = DispatchContext(
-            route.row_of_slot_N, slot_of_row_M, token_of_row_M, topk_w_TK, dropped
+            route.row_of_slot_N,
+            kept_N.view_as(topk_idx_TK),
+            slot_of_row_M,
+            token_of_row_M,
+            topk_w_TK,
+            dropped,
         )
         return x_MD, route.rows_per_expert_E, ctx
 
     def combine(self, y_MD: Tensor, ctx: DispatchContext) -> Tensor:
-        """out_TD = sum_k w_TK * y(row of slot (t, k)); dropped slots read the zero padding row."""
+        """out_TD = sum_k w_TK * y(row of slot (t, k)) over kept slots."""
         return _Combine.apply(
-            y_MD, ctx.topk_w_TK, ctx.row_of_slot_N, ctx.slot_of_row_M, ctx.token_of_row_M
+            y_MD,
+            ctx.topk_w_TK,
+            ctx.kept_TK,
+            ctx.row_of_slot_N,
+            ctx.slot_of_row_M,
+            ctx.token_of_row_M,
         )

@@ -33,9 +33,10 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts over rows already grouped by expert.
 
     `forward(x_ND, tokens_per_expert_E)`: rows [0, c0) go to expert 0, the next c1 to
-    expert 1, and so on; rows past the sum of the counts are padding and come out as zeros
-    (their gradients are zero too). On CUDA with bf16 the three expert matmuls run as grouped
-    GEMMs with no host synchronisation; elsewhere a per-expert loop computes the same thing.
+    expert 1, and so on. Rows past the sum of the counts are padding: their outputs are finite
+    but unspecified, and callers give them zero weight (so they also send back zero
+    gradients). On CUDA with bf16 the three expert matmuls run as grouped GEMMs with no host
+    synchronisation; elsewhere a per-expert loop computes the same thing.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, impl: str = "auto") -> None:
@@ -66,13 +67,11 @@ class GroupedExperts(nn.Module):
 
     def _forward_grouped(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-        # The kernel leaves rows past offs[-1] unwritten (garbage) in forward and backward;
-        # where() on both sides keeps them out of outputs and input gradients.
-        valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1]).unsqueeze(1)
-        x_ND = torch.where(valid_N1, x_ND, 0)
+        # The kernel leaves rows past offs[-1] unwritten (garbage, NaN included) in both
+        # passes, so the last expert takes the padding rows: finite, and cheaper than masking.
+        offs_E = torch.cat([offs_E[:-1], offs_E.new_full((1,), x_ND.shape[0])])
         h_NF = F.silu(_gmm(x_ND, self.w1, offs_E)) * _gmm(x_ND, self.w3, offs_E)
-        y_ND = _gmm(h_NF, self.w2, offs_E)
-        return torch.where(valid_N1, y_ND, 0)
+        return _gmm(h_NF, self.w2, offs_E)
 
     def _forward_loop(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         # Host-side counts: fine on CPU, and the fallback for dtypes the kernel lacks.
