@@ -24,6 +24,7 @@ BAD = [
     (dict(BASE, num_experts=0, top_k=1), r"moe\.num_experts=0 must be >= 1"),
     (dict(BASE, aux_loss_coef=-0.1), r"moe\.aux_loss_coef=-0\.1 must be >= 0"),
     (dict(BASE, experts_impl="triton"), r"moe\.experts_impl='triton' is not one of"),
+    (dict(BASE, pad_to_capacity=True), r"moe\.pad_to_capacity=True needs a moe\.capacity_factor"),
 ]
 
 

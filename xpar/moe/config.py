@@ -88,6 +88,11 @@ class MoEConfig:
         _at_least("init_std", self.init_std, 0.0, strict=True)
         if self.capacity_factor is not None:
             _at_least("capacity_factor", self.capacity_factor, 0.0, strict=True)
+        elif self.pad_to_capacity:
+            raise ValueError(
+                "moe.pad_to_capacity=True needs a moe.capacity_factor > 0 "
+                "(dropless routing has no capacity to pad to)"
+            )
         if self.shared_d_ff is not None:
             _at_least("shared_d_ff", self.shared_d_ff, 1)
         if self.router == "two_level":

@@ -76,15 +76,15 @@ def route_slots(
     real_N = sorted_expert_N < E
     kept_E = counts_E[:E] if capacity is None else counts_E[:E].clamp(max=capacity)
     kept_N = real_N if capacity is None else real_N & (pos_N < capacity)
-    expert_N = sorted_expert_N.clamp(max=E - 1)
+    safe_expert_N = sorted_expert_N.clamp(max=E - 1)  # the virtual expert's rows are dropped
     if pad:
         num_rows = E * capacity + 1
         rows_E = torch.full_like(kept_E, capacity)
-        row_N = expert_N * capacity + pos_N
+        row_N = safe_expert_N * capacity + pos_N
     else:
         num_rows = (num_slots if capacity is None else min(num_slots, E * capacity)) + 1
         rows_E = kept_E
-        row_N = (kept_E.cumsum(0) - kept_E)[expert_N] + pos_N
+        row_N = (kept_E.cumsum(0) - kept_E)[safe_expert_N] + pos_N
     row_N = torch.where(kept_N, row_N, num_rows - 1)
     row_of_slot_N = torch.empty_like(row_N).scatter_(0, order_N, row_N)
     return SlotRoute(row_of_slot_N, rows_E, kept_E, num_rows)
