@@ -76,12 +76,13 @@ class GroupedExperts(nn.Module):
     def _forward_loop(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         # Host-side counts: fine on CPU, and the fallback for dtypes the kernel lacks.
         counts = tokens_per_expert_E.tolist()
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            x = x_ND[start : start + n]
-            w1, w3, w2 = (w[e].to(x_ND.dtype) for w in (self.w1, self.w3, self.w2))
-            outs.append((F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T)
-            start += n
-        outs.append(x_ND.new_zeros(x_ND.shape[0] - start, self.d_model))
+        num_padding = x_ND.shape[0] - sum(counts)
+        *x_per_expert, _ = x_ND.split(counts + [num_padding])
+        # unbind, not w[e]: its backward is one stack instead of E zero-filled full copies.
+        weights = (w.to(x_ND.dtype).unbind(0) for w in (self.w1, self.w3, self.w2))
+        outs = [
+            (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+            for x, w1, w3, w2 in zip(x_per_expert, *weights, strict=True)
+        ]
         # Every expert, idle ones too, took part above, so each gets a (zero) gradient.
-        return torch.cat(outs)
+        return torch.cat(outs + [x_ND.new_zeros(num_padding, self.d_model)])
