@@ -230,7 +230,8 @@ def test_rotary_scores_depend_on_relative_position():
     cos_SC, sin_SC = cos_SC.double(), sin_SC.double()
 
     def score(m, n):
-        return apply_rotary(q_C, cos_SC[m], sin_SC[m]) @ apply_rotary(k_C, cos_SC[n], sin_SC[n])
+        rotated = apply_rotary(q_C, cos_SC[m], sin_SC[m]) @ apply_rotary(k_C, cos_SC[n], sin_SC[n])
+        return rotated.item()
 
     for m, n, c in [(5, 2, 7), (0, 9, 30), (40, 40, 3)]:
         assert score(m, n) == pytest.approx(score(m + c, n + c), rel=1e-5, abs=1e-6)
