@@ -1,0 +1,78 @@
+"""The MoE layer benchmark: its peers compute the same layer as xpar, and it runs end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xpar.bench import peers
+from xpar.bench.moe_layer import SHAPES, rows_for, xpar_config
+from xpar.moe import MoELayer
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+def test_hf_mixtral_block_with_copied_weights_matches_xpar(impl):
+    layer = MoELayer(xpar_config(SHAPES["a"]))
+    hf = peers.hf_mixtral_block(layer, impl)
+    x = torch.randn(64, layer.cfg.d_model)
+    expected, _ = layer(x)
+    torch.testing.assert_close(hf(x), expected, rtol=1e-5, atol=1e-6)
+
+
+DEEPSPEED_PARITY = """
+import torch
+from xpar.bench import peers
+from xpar.bench.moe_layer import SHAPES, xpar_config
+from xpar.moe import MoELayer
+layer = MoELayer(xpar_config(SHAPES["c"]))  # k=4: DeepSpeed's plain top-k gate, no sampling
+ds = peers.deepspeed_moe(layer, None)
+x = torch.randn(128, layer.cfg.d_model)
+torch.testing.assert_close(ds(x), layer(x)[0], rtol=1e-5, atol=1e-6)
+print("parity ok")
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_dropless_with_copied_weights_matches_xpar():
+    # A subprocess: DeepSpeed leaves a process group behind in whatever process it ran in.
+    proc = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_PARITY], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parity ok" in proc.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_runs_every_row_on_cpu(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, "-m", "xpar.bench.moe_layer", "--shapes", "c", "--iters", "1"]
+    proc = subprocess.run(
+        cmd + ["--warmup", "0", "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == [name for name, _, _ in rows_for(SHAPES["c"])]
+    for r in rows:
+        assert r["note"] == "" and r["ms"] > 0 and r["tflops"] > 0, r
+    assert rows[0]["vs_dense"] == 1.0
+    assert "xpar dropless" in proc.stdout and "vs dense" in proc.stdout
+
+
+def test_unknown_shape_is_a_clear_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "xpar.bench.moe_layer", "--shapes", "Z"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "--shapes='Z'" in proc.stderr and "unknown shape" in proc.stderr
+
+
+def test_two_level_row_is_a_valid_config_for_every_shape():
+    for shape in SHAPES.values():
+        overrides = rows_for(shape)[-1][2]
+        cfg = xpar_config(shape, **overrides)
+        assert cfg.router == "two_level" and cfg.num_experts % cfg.num_groups == 0

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print a table of timings measured in one run."""
