@@ -4,6 +4,11 @@
 from __future__ import annotations
 
 
+class UserError(ValueError):
+    """Bad input the user can fix (config, data, checkpoint, command line): the trainer reports
+    it as one line, without a traceback."""
+
+
 def at_least(name: str, value: float, low: float, *, strict: bool = False) -> None:
     """`name` must be >= low (> low when strict)."""
     if value <= low if strict else value < low:

@@ -1,0 +1,319 @@
+"""The training job's typed config: one dataclass per concern. Registered with Hydra's
+ConfigStore as the schema that the YAML groups under conf/ compose; `TrainConfig` checks the
+sections against each other once they are all built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from xpar.checks import UserError, at_least, one_of
+from xpar.model import PRESETS, ModelConfig
+from xpar.moe import MoEConfig
+
+
+@dataclass
+class DataConfig:
+    """What every data source shares. `batch_size` is the GLOBAL batch in sequences per
+    optimizer step (over ranks and accumulation micro-steps); `micro_batch_size` is per rank per
+    forward pass (None: the whole per-rank share at once)."""
+
+    kind: str = MISSING
+    seq_len: int = 64
+    batch_size: int = 32
+    micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        at_least("data.seq_len", self.seq_len, 1)
+        at_least("data.batch_size", self.batch_size, 1)
+        if self.micro_batch_size is not None:
+            at_least("data.micro_batch_size", self.micro_batch_size, 1)
+
+    def accumulation(self, dp_world: int) -> tuple[int, int]:
+        """(micro batch per rank, micro-steps per optimizer step) for `dp_world` data ranks."""
+        if self.batch_size % dp_world:
+            raise UserError(
+                f"data.batch_size={self.batch_size} is not divisible by the {dp_world} "
+                f"data-parallel ranks"
+            )
+        per_rank = self.batch_size // dp_world
+        micro = self.micro_batch_size or per_rank
+        if per_rank % micro:
+            raise UserError(
+                f"data.micro_batch_size={micro} must divide data.batch_size / ranks = "
+                f"{self.batch_size} / {dp_world} = {per_rank}"
+            )
+        return micro, per_rank // micro
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    """The embedded corpus (xpar.data.synthetic): a mixture of sparse Markov chains."""
+
+    kind: str = "synthetic"
+    vocab_size: int | None = None  # None: the model's vocab
+    num_domains: int = 4
+    branching: int = 4
+    concentration: float = 1.0
+    num_train: int = 32768
+    num_val: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vocab_size is not None:
+            at_least("data.vocab_size", self.vocab_size, 2)
+        at_least("data.num_domains", self.num_domains, 1)
+        at_least("data.concentration", self.concentration, 0.0, strict=True)
+        at_least("data.num_train", self.num_train, 1)
+        at_least("data.num_val", self.num_val, 1)
+        at_least("data.branching", self.branching, 1)
+        if self.vocab_size is not None and self.branching > self.vocab_size:
+            raise UserError(
+                f"data.branching={self.branching} must be <= data.vocab_size={self.vocab_size}"
+            )
+
+
+@dataclass
+class HFTextDataConfig(DataConfig):
+    """Text through Hugging Face `datasets` and a `transformers` tokenizer, packed into
+    seq_len + 1 token blocks. `path` is a hub dataset name or a builder (text, json, csv,
+    parquet) reading `data_files`; `tokenizer` is a hub name or a local directory."""
+
+    kind: str = "hf_text"
+    path: str = MISSING
+    config_name: str | None = None
+    data_files: list[str] | None = None
+    split: str = "train"
+    val_split: str | None = None  # None: hold out val_fraction of the documents
+    val_fraction: float = 0.05
+    max_val_sequences: int = 512
+    text_column: str = "text"
+    tokenizer: str = MISSING
+    streaming: bool = False
+    shuffle_buffer: int = 10000  # streaming: blocks per shuffle window
+    num_proc: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        at_least("data.max_val_sequences", self.max_val_sequences, 1)
+        at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
+        if self.num_proc is not None:
+            at_least("data.num_proc", self.num_proc, 1)
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup, then a cosine (or linear, or constant) decay to
+    `min_lr_ratio * lr` at `trainer.max_steps`."""
+
+    lr: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    fused: bool | None = None  # None: fused kernels on CUDA
+
+    def __post_init__(self) -> None:
+        at_least("optim.lr", self.lr, 0.0, strict=True)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"optim.{name}={value} must be in [0, 1)")
+        at_least("optim.eps", self.eps, 0.0, strict=True)
+        at_least("optim.weight_decay", self.weight_decay, 0.0)
+        at_least("optim.grad_clip", self.grad_clip, 0.0)
+        one_of("optim.schedule", self.schedule, SCHEDULES)
+        at_least("optim.warmup_steps", self.warmup_steps, 0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: steps, evaluation, checkpoints, devices and failure handling."""
+
+    max_steps: int = 1500
+    eval_every: int = 250
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    resume: Any = False  # false | true (newest complete checkpoint in the run dir) | PATH
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    keep_checkpoints: int = 3  # newest N kept; 0 keeps all
+    eval_batches: int | None = None  # None: the whole validation split
+    overfit_batches: int = 0  # > 0: train on the first N batches over and over
+    detect_anomaly: bool = False
+    peak_tflops: float | None = None  # for MFU; None: looked up from the GPU's name
+    progress: bool = True  # console progress bar
+
+    def __post_init__(self) -> None:
+        at_least("trainer.max_steps", self.max_steps, 1)
+        for name in ("eval_every", "save_every", "log_every", "max_bad_steps"):
+            at_least(f"trainer.{name}", getattr(self, name), 1)
+        at_least("trainer.keep_checkpoints", self.keep_checkpoints, 0)
+        at_least("trainer.overfit_batches", self.overfit_batches, 0)
+        if self.eval_batches is not None:
+            at_least("trainer.eval_batches", self.eval_batches, 1)
+        if self.peak_tflops is not None:
+            at_least("trainer.peak_tflops", self.peak_tflops, 0.0, strict=True)
+        one_of("trainer.device", self.device, DEVICES)
+        one_of("trainer.precision", self.precision, PRECISIONS)
+        if isinstance(self.resume, str) and self.resume.lower() in ("true", "false"):
+            self.resume = self.resume.lower() == "true"
+        if not isinstance(self.resume, bool | str) or self.resume == "":
+            raise UserError(f"trainer.resume={self.resume!r} must be true, false or a path")
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout. One process for now: expert parallelism arrives with xpar.parallel."""
+
+    ep_size: int = 1
+
+    def __post_init__(self) -> None:
+        at_least("parallel.ep_size", self.ep_size, 1)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO. Stage 0 is plain PyTorch (the only stage this trainer runs yet)."""
+
+    stage: int = 0
+
+    def __post_init__(self) -> None:
+        one_of("deepspeed.stage", self.stage, (0,))
+
+
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("auto", "online", "offline")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking beyond metrics.jsonl and the console. `mode=auto` runs wandb
+    online when WANDB_API_KEY is set and offline otherwise."""
+
+    kind: str = "none"
+    project: str = "xpar"
+    entity: str | None = None
+    mode: str = "auto"
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        one_of("logger.kind", self.kind, LOGGERS)
+        one_of("logger.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class LauncherConfig:
+    """How Hydra starts jobs: `local` runs them in this process."""
+
+    name: str = "local"
+
+
+def _model_arch_schema() -> type:
+    """ModelConfig's fields minus `moe`: on the command line the MoE layer is its own top-level
+    section (`moe.top_k=4`), joined to the model when the ModelConfig is built."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [
+        (
+            f.name,
+            hints[f.name],
+            field(default=MISSING if f.default is dataclasses.MISSING else f.default),
+        )
+        for f in dataclasses.fields(ModelConfig)
+        if f.name != "moe"
+    ]
+    return dataclasses.make_dataclass("ModelArch", fields)
+
+
+ModelArch = _model_arch_schema()
+
+
+@dataclass
+class TrainConfig:
+    """The whole job. Building it (OmegaConf.to_object) checks every section and then the
+    sections against each other, so a bad value fails before anything is written."""
+
+    model: ModelArch = MISSING
+    moe: MoEConfig | None = None
+    data: DataConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run_name: str = MISSING
+
+    def __post_init__(self) -> None:
+        model = self.model_config()
+        if self.data.seq_len > model.max_seq_len:
+            raise UserError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
+            )
+        vocab = getattr(self.data, "vocab_size", None)
+        if vocab is not None and vocab > model.vocab_size:
+            raise UserError(f"data.vocab_size={vocab} exceeds model.vocab_size={model.vocab_size}")
+
+    def model_config(self) -> ModelConfig:
+        """The LM's config: the `model` section with the `moe` section as its MoE layer."""
+        return ModelConfig(**dataclasses.asdict(self.model), moe=self.moe)
+
+
+def model_preset_node(name: str) -> dict:
+    """A model preset as the `model` and `moe` sections it sets."""
+    cfg = PRESETS[name]()
+    arch = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelArch)}
+    # moe.d_model stays the `${model.d_model}` of conf/config.yaml, so it follows the model.
+    moe = None if cfg.moe is None else dataclasses.asdict(cfg.moe)
+    if moe is not None:
+        del moe["d_model"]
+    return {"model": arch, "moe": moe}
+
+
+def register_configs() -> None:
+    """Put the schema and the Python-defined model presets in Hydra's ConfigStore. The data
+    schemas live under `schema/data` so they do not show up as `data=` options."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="schema/data", name="synthetic", node=SyntheticDataConfig)
+    cs.store(group="schema/data", name="hf_text", node=HFTextDataConfig)
+    for name in PRESETS:
+        cs.store(group="model", name=name, node=model_preset_node(name), package="_global_")
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """The checked TrainConfig; any bad value becomes a one-line UserError naming it."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except (ValueError, TypeError) as e:  # a section's own check
+        raise UserError(str(e)) from e
+    except OmegaConfBaseException as e:  # a missing value, a wrong type
+        raise UserError(str(e).splitlines()[0] + f" ({getattr(e, 'full_key', '')})") from e
+    assert isinstance(obj, TrainConfig)
+    return obj
