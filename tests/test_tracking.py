@@ -1,0 +1,210 @@
+"""Tracker: metrics.jsonl lines, resume truncation, heatmaps, and offline wandb runs (no network:
+wandb is only ever offline here)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xpar.config import LoggerConfig
+from xpar.training.tracking import Tracker, wandb_mode
+
+SENTINEL = "xpar-test-key-5f0c1e7a9b3d4c2e8f6a1b0c9d8e7f6a"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_jsonl_round_trips(tmp_path):
+    tracker = Tracker(tmp_path, LoggerConfig(), {})
+    load = [[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]
+    tracker.log(1, {"loss": 2.5, "lr": np.float32(0.125), "tokens": torch.tensor(7)})
+    tracker.log(2, {"loss": float("nan"), "aux": float("inf"), "ok": True, "expert_load": load})
+    tracker.log(3, {"loss": None, "load_np": np.array(load)})
+    tracker.finish()
+
+    lines = read_jsonl(tmp_path / "metrics.jsonl")
+    assert lines == [
+        {"step": 1, "loss": 2.5, "lr": 0.125, "tokens": 7},
+        {"step": 2, "loss": None, "aux": None, "ok": True, "expert_load": load},
+        {"step": 3, "loss": None, "load_np": load},
+    ]
+    assert isinstance(lines[0]["tokens"], int)
+
+
+def test_metrics_flushed_before_finish(tmp_path):
+    tracker = Tracker(tmp_path, LoggerConfig(), {})
+    tracker.log(5, {"loss": 1.0})
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 5, "loss": 1.0}]
+    tracker.finish()
+
+
+def test_resume_drops_later_steps(tmp_path):
+    tracker = Tracker(tmp_path, LoggerConfig(), {})
+    for step in range(1, 7):
+        tracker.log(step, {"loss": float(step)})
+    tracker.finish()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "lo')  # torn line from a crash
+
+    tracker = Tracker(tmp_path, LoggerConfig(), {}, resume_step=4)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    tracker.log(5, {"loss": -5.0})
+    tracker.finish()
+    lines = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
+    assert lines[3]["loss"] == 4.0 and lines[4]["loss"] == -5.0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_disabled_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    tracker = Tracker(run_dir, LoggerConfig(kind="wandb", mode="offline"), {}, enabled=False)
+    tracker.log(1, {"loss": 1.0})
+    assert tracker.log_expert_load(1, np.full((2, 4), 0.25), [1, 3]) is None
+    tracker.finish()
+    assert not run_dir.exists()
+
+
+def test_expert_load_heatmap(tmp_path):
+    from matplotlib import pyplot as plt
+    from PIL import Image
+
+    tracker = Tracker(tmp_path, LoggerConfig(), {})
+    balanced = np.full((3, 8), 1 / 8)
+    skewed = np.random.default_rng(0).dirichlet(np.full(8, 0.3), size=3)
+    paths = [
+        tracker.log_expert_load(s, load, [1, 3, 5]) for s, load in ((10, balanced), (20, skewed))
+    ]
+    tracker.finish()
+
+    assert paths == [
+        tmp_path / "plots/expert_load_step10.png",
+        tmp_path / "plots/expert_load_step20.png",
+    ]
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(path) as img:
+            width, height = img.size
+        assert 200 <= width <= 4000 and 100 <= height <= 4000
+    assert paths[0].read_bytes() != paths[1].read_bytes()
+    pixels = [np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in paths]
+    assert pixels[0].shape != pixels[1].shape or np.abs(pixels[0] - pixels[1]).max() > 50
+    assert plt.get_fignums() == []  # no pyplot figures left open
+    with pytest.raises(ValueError, match="layer_ids"):
+        Tracker(tmp_path, LoggerConfig(), {}).log_expert_load(1, balanced, [1, 3])
+
+
+def read_wandb_records(path: Path) -> list:
+    """Records of a .wandb transaction log. wandb 0.31 reads these only in its Go core, so parse
+    the format here: a 7-byte header (':W&B', magic 0xBEE1, version 0), then LevelDB-log chunks
+    in 32 KiB blocks, each `crc32(type + data), length, type` (IEEE CRC), holding serialized
+    `wandb_internal_pb2.Record` protos split FULL=1 or FIRST=2, MIDDLE=3, LAST=4."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0)
+    records, pending, off, block = [], b"", 7, 32768
+    while off + 7 <= len(data):
+        if block - off % block < 7:  # block trailer too short for a header: padding
+            off += block - off % block
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[off : off + 7])
+        chunk = data[off + 7 : off + 7 + length]
+        off += 7 + length
+        if kind == 0:
+            continue
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            records.append(Record.FromString(pending))
+    return records
+
+
+def wandb_history(run_dir: Path) -> dict[int, dict[str, object]]:
+    """{step: {key: value}} from the history records of the single offline run under run_dir."""
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    history = {}
+    for record in read_wandb_records(wandb_file):
+        if record.WhichOneof("record_type") == "history":
+            items = record.history.item
+            row = {it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in items}
+            history[record.history.step.num] = row
+    return history
+
+
+@pytest.fixture
+def wandb_env(monkeypatch, tmp_path):
+    """Keep wandb's global files (cache, config, core logs) inside the test's tmp dir."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    for var in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.timeout(60)
+def test_wandb_offline_keeps_key_out_and_records_metrics(wandb_env, tmp_path):
+    wandb_env.setenv("WANDB_API_KEY", SENTINEL)
+    run_dir = tmp_path / "run"
+    cfg = LoggerConfig(kind="wandb", mode="offline", tags=["test"])
+    tracker = Tracker(run_dir, cfg, {"model": {"d_model": 32}, "trainer": {"max_steps": 3}})
+    load = [[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]]
+    for step in (1, 2, 3):
+        tracker.log(step, {"loss": 4.0 - step / 2, "lr": 1e-3, "expert_load": load})
+    print(f"a careless script echoes WANDB_API_KEY={SENTINEL}")  # must not reach output.log
+    tracker.log_expert_load(3, np.array(load), [1, 3])
+    tracker.finish()
+    tracker.finish()
+
+    # (1) the key occurs in no file under run_dir (symlinks followed: wandb links its core log)
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)
+    assert any(p.suffix == ".png" and "media" in p.parts for p in files)
+    for path in files:
+        assert SENTINEL.encode() not in path.read_bytes(), path
+
+    # (2) the offline run holds what was logged, at the right steps
+    history = wandb_history(run_dir)
+    assert {s: history[s]["loss"] for s in (1, 2, 3)} == {1: 3.5, 2: 3.0, 3: 2.5}
+    assert history[2]["lr"] == pytest.approx(1e-3)
+    assert history[1]["expert_load/max_over_mean/0"] == pytest.approx(2.0)
+    assert history[3]["expert_load/max_over_mean/1"] == pytest.approx(1.0)
+    assert history[3]["expert_load/_type"] == "image-file"  # nested keys joined by "/"
+    assert not any(isinstance(v, list) for row in history.values() for v in row.values())
+    run_id = (run_dir / "wandb_run_id").read_text()
+    assert next(run_dir.glob("wandb/offline-run-*")).name.endswith(run_id)
+
+
+@pytest.mark.timeout(60)
+def test_wandb_auto_mode_without_key_is_offline(wandb_env, tmp_path):
+    wandb_env.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode("auto") == "offline"
+    run_dir = tmp_path / "run"
+    tracker = Tracker(run_dir, LoggerConfig(kind="wandb", mode="auto"), {})
+    tracker.log(1, {"loss": 1.25})
+    tracker.finish()
+    assert wandb_history(run_dir)[1]["loss"] == 1.25
+
+    # a resumed tracker continues the same wandb run id
+    first_id = (run_dir / "wandb_run_id").read_text()
+    tracker = Tracker(run_dir, LoggerConfig(kind="wandb", mode="auto"), {}, resume_step=1)
+    tracker.finish()
+    assert (run_dir / "wandb_run_id").read_text() == first_id
+
+
+def test_wandb_mode_resolution(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", SENTINEL)
+    assert wandb_mode("auto") == "online"
+    assert wandb_mode("offline") == "offline"
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert wandb_mode("online") == "online"
