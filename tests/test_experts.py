@@ -61,6 +61,26 @@ def test_auto_uses_grouped_mm_only_for_cuda_bf16():
     assert not ex.use_grouped_mm(torch.zeros(1, 4, dtype=torch.bfloat16))
 
 
+def test_compute_dtype_follows_autocast():
+    x = torch.zeros(1, 4)
+    assert GroupedExperts.compute_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert GroupedExperts.compute_dtype(x) == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_fp32_input_under_cuda_autocast_takes_grouped_mm():
+    ex = GroupedExperts(4, 64, 128).cuda()
+    counts = torch.tensor([5, 0, 9, 2], device="cuda")
+    x = torch.randn(20, 64, device="cuda")
+    y_ref = ex(x, counts)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert ex.use_grouped_mm(x)
+        y = ex(x, counts)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y[:16].float(), y_ref[:16], rtol=3e-2, atol=3e-2)
+
+
 @pytest.mark.gpu
 def test_grouped_mm_on_cuda_matches_fp32_loop():
     ex = GroupedExperts(8, 128, 256).cuda()

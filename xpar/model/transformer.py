@@ -202,6 +202,11 @@ class MoETransformerLM(nn.Module):
         for layer in self.moe_layers():
             layer.router.update_bias()
 
+    def discard_expert_load(self) -> None:
+        """Drop the load tallied for the balancing bias; for an optimizer step that was skipped."""
+        for layer in self.moe_layers():
+            layer.router.discard_load()
+
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameters held by this module (the embedding, and untied head, optionally left out)."""
         n = sum(p.numel() for p in self.parameters())

@@ -55,9 +55,17 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
 
+    @staticmethod
+    def compute_dtype(x_ND: Tensor) -> torch.dtype:
+        """The matmul dtype: autocast's when it is on (grouped_mm is not autocast-aware)."""
+        device_type = x_ND.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return x_ND.dtype
+
     def use_grouped_mm(self, x_ND: Tensor) -> bool:
         if self.impl == "auto":
-            return x_ND.is_cuda and x_ND.dtype == torch.bfloat16
+            return x_ND.is_cuda and self.compute_dtype(x_ND) == torch.bfloat16
         return self.impl == "grouped_mm"
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
@@ -66,6 +74,7 @@ class GroupedExperts(nn.Module):
         return self._forward_loop(x_ND, tokens_per_expert_E)
 
     def _forward_grouped(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        x_ND = x_ND.to(self.compute_dtype(x_ND))
         offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         # The kernel leaves rows past offs[-1] unwritten (garbage, NaN included) in both
         # passes, so the last expert takes the padding rows: finite, and cheaper than masking.

@@ -130,6 +130,10 @@ class BaseRouter(nn.Module):
             self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.pending_load.zero_()
 
+    def discard_load(self) -> None:
+        """Forget the load tallied since the last update (its step was skipped)."""
+        self.pending_load.zero_()
+
 
 class TopKRouter(BaseRouter):
     """Token choice: each token picks its top_k experts by score (softmax or sigmoid)."""
