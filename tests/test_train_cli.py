@@ -54,7 +54,8 @@ def test_resolved_config_is_written(tmp_path):
     assert "${" not in text and "d_model: 64" in text and "run_name: cfg" in text
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     args = FAST + ["trainer.max_steps=100000", "trainer.log_every=1", "run_name=sig"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -70,10 +71,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    assert "stopped at step" in out + err and "SIGTERM" in out + err
+    assert "stopped at step" in out + err and sig.name in out + err
     (ckpt,) = (tmp_path / "runs/sig/checkpoints").iterdir()
     step = int(ckpt.name.removeprefix("step_"))
     assert step >= 3
