@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xpar.moe import MoEConfig, MoELayer, TopKRouter, TwoLevelRouter
+from xpar.moe.router import load_balance_loss
 
 LOGITS = [[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 0.5, 0.5], [1.0, 1.5, 2.0, -2.0]]
 
@@ -34,9 +35,9 @@ def test_aux_and_z_loss_match_hand_computation():
     P = [sum(p[e] for p in probs) / 3 for e in range(4)]
     aux = 4 * sum(fe * pe for fe, pe in zip(f, P, strict=True))
     z = sum(math.log(sum(math.exp(v) for v in r)) ** 2 for r in LOGITS) / 3
-    assert out.aux_loss.item() == pytest.approx(aux, rel=1e-6)
+    aux_loss = load_balance_loss(out.probs_mean_E, out.tokens_per_expert_E)
+    assert aux_loss.item() == pytest.approx(aux, rel=1e-6)
     assert out.z_loss.item() == pytest.approx(z, rel=1e-6)
-    assert out.loss.item() == pytest.approx(0.1 * aux + 0.01 * z, rel=1e-6)
     assert [sorted(c) for c in out.topk_idx_TK.tolist()] == [sorted(c) for c in chosen]
     ent = -sum(sum(pi * math.log(pi) for pi in p) for p in probs) / 3
     assert out.entropy.item() == pytest.approx(ent, rel=1e-6)
@@ -45,7 +46,23 @@ def test_aux_and_z_loss_match_hand_computation():
 def test_aux_loss_is_one_at_perfect_balance():
     router = _identity_router(top_k=1)
     out = router(torch.eye(4) * 3)  # token t prefers expert t; P is uniform by symmetry
-    assert out.aux_loss.item() == pytest.approx(1.0, rel=1e-6)
+    aux_loss = load_balance_loss(out.probs_mean_E, out.tokens_per_expert_E)
+    assert aux_loss.item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_layer_loss_weighs_aux_and_z_losses():
+    layer = MoELayer(
+        MoEConfig(d_model=4, d_ff=4, num_experts=4, aux_loss_coef=0.1, z_loss_coef=0.01)
+    )
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.eye(4))
+    _, aux = layer(torch.tensor(LOGITS))
+    expected = load_balance_loss(
+        layer.router(torch.tensor(LOGITS)).probs_mean_E, aux.tokens_per_expert
+    )
+    assert aux.aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert aux.loss.item() == pytest.approx(0.1 * aux.aux_loss.item() + 0.01 * aux.z_loss.item())
+    assert aux.loss.requires_grad
 
 
 def test_sigmoid_weights_renormalised_and_scaled():

@@ -153,6 +153,10 @@ class LocalDispatcher:
     def __init__(self, cfg: MoEConfig) -> None:
         self.cfg = cfg
 
+    def load_counts(self, counts_E: Tensor) -> Tensor:
+        """The expert load the balancing loss sees: this rank's batch is the whole batch."""
+        return counts_E
+
     def dispatch(
         self, x_TD: Tensor, topk_idx_TK: Tensor, topk_w_TK: Tensor, keep_TK: Tensor | None = None
     ) -> tuple[Tensor, Tensor, DispatchContext]:

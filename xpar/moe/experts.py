@@ -37,23 +37,42 @@ class GroupedExperts(nn.Module):
     but unspecified, and callers give them zero weight (so they also send back zero
     gradients). On CUDA with bf16 the three expert matmuls run as grouped GEMMs with no host
     synchronisation; elsewhere a per-expert loop computes the same thing.
+
+    Under expert parallelism a rank holds experts [first_expert, first_expert + num_experts)
+    of the layer's global bank.
     """
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, impl: str = "auto") -> None:
+    def __init__(
+        self, num_experts: int, d_model: int, d_ff: int, impl: str = "auto", first_expert: int = 0
+    ) -> None:
         super().__init__()
         self.num_experts, self.d_model, self.d_ff, self.impl = num_experts, d_model, d_ff, impl
+        self.first_expert = first_expert
         self.w1 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
-        nn.init.normal_(self.w1, std=std)
-        nn.init.normal_(self.w3, std=std)
-        nn.init.normal_(self.w2, std=std if out_std is None else out_std)
+        """Normal(0, std) weights (w2: out_std), drawn expert by expert from a generator seeded
+        by one draw of the global RNG plus the expert's global id: an expert gets the same
+        weights whichever rank holds it, and the global RNG advances the same on every rank."""
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+        if self.w1.is_meta:
+            return
+        out_std = std if out_std is None else out_std
+        for e in range(self.num_experts):
+            gen = torch.Generator(self.w1.device).manual_seed(seed + self.first_expert + e)
+            self.w1[e].normal_(0.0, std, generator=gen)
+            self.w3[e].normal_(0.0, std, generator=gen)
+            self.w2[e].normal_(0.0, out_std, generator=gen)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
+        experts = f"{self.num_experts}"
+        if self.first_expert:
+            experts += f" (global {self.first_expert}..{self.first_expert + self.num_experts - 1})"
+        return f"num_experts={experts}, d_model={self.d_model}, d_ff={self.d_ff}"
 
     @staticmethod
     def compute_dtype(x_ND: Tensor) -> torch.dtype:

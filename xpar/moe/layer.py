@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from xpar.moe.config import MoEConfig
 from xpar.moe.dispatcher import LocalDispatcher
 from xpar.moe.experts import GroupedExperts, SwiGLU
-from xpar.moe.router import TopKRouter
+from xpar.moe.router import TopKRouter, load_balance_loss
 from xpar.moe.two_level import TwoLevelRouter
 
 
@@ -52,6 +52,10 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         x_TD = x.reshape(-1, self.cfg.d_model)
         r = self.router(x_TD)
+        # The dispatcher may sum the counts over ranks: balance is a property of the global batch.
+        aux_loss = load_balance_loss(
+            r.probs_mean_E, self.dispatcher.load_counts(r.tokens_per_expert_E)
+        )
         x_MD, rows_per_expert_E, ctx = self.dispatcher.dispatch(
             x_TD, r.topk_idx_TK, r.topk_w_TK, r.keep_TK
         )
@@ -60,8 +64,8 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
         aux = MoEAux(
-            loss=r.loss,
-            aux_loss=r.aux_loss,
+            loss=self.cfg.aux_loss_coef * aux_loss + self.cfg.z_loss_coef * r.z_loss,
+            aux_loss=aux_loss,
             z_loss=r.z_loss,
             tokens_per_expert=r.tokens_per_expert_E,
             dropped=ctx.dropped_fraction,

@@ -22,9 +22,8 @@ class RouterOutput:
     topk_idx_TK: Tensor  # int64 expert ids; a token never picks one expert twice
     topk_w_TK: Tensor  # fp32 combine weights
     keep_TK: Tensor | None  # False where the router itself dropped a slot (group capacity)
-    loss: Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss, differentiable
-    aux_loss: Tensor  # E * sum_e f_e * P_e (1.0 at perfect balance)
-    z_loss: Tensor  # mean over tokens of logsumexp(logits)^2
+    probs_mean_E: Tensor  # P_e: mean routing probability of each expert, differentiable
+    z_loss: Tensor  # mean over tokens of logsumexp(logits)^2, differentiable
     entropy: Tensor  # mean entropy of the tokens' routing distributions, detached
     tokens_per_expert_E: Tensor  # slots each expert was chosen for (before any drop)
 
@@ -45,12 +44,12 @@ def as_distribution(scores: Tensor, score_func: str) -> Tensor:
     return scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
-def load_balance_loss(probs_TE: Tensor, counts_E: Tensor, top_k: int) -> Tensor:
-    """Switch/GShard loss E * sum_e f_e * P_e: f_e the fraction of the T*K slots given to
-    expert e (not differentiable), P_e the mean routing probability of e."""
-    num_tokens, num_experts = probs_TE.shape
-    f_E = counts_E.to(probs_TE.dtype) / max(num_tokens * top_k, 1)
-    return num_experts * (f_E * probs_TE.mean(0)).sum()
+def load_balance_loss(probs_mean_E: Tensor, counts_E: Tensor) -> Tensor:
+    """Switch/GShard loss E * sum_e f_e * P_e (1.0 at perfect balance): f_e the fraction of
+    the routed slots given to expert e (not differentiable), P_e its mean routing probability.
+    The counts may cover more tokens than P (all ranks'): the load is a global property."""
+    f_E = counts_E.to(probs_mean_E.dtype) / counts_E.sum().clamp_min(1)
+    return probs_mean_E.shape[0] * (f_E * probs_mean_E).sum()
 
 
 def z_loss(logits_TX: Tensor) -> Tensor:
@@ -95,7 +94,7 @@ class BaseRouter(nn.Module):
         logits: list[Tensor],
         keep_TK: Tensor | None = None,
     ) -> RouterOutput:
-        """Renormalise and scale the weights, and compute losses and statistics."""
+        """Renormalise and scale the weights, and gather what the losses need."""
         cfg = self.cfg
         if cfg.norm_topk_prob:
             denom = topk_w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(topk_w_TK.dtype).tiny)
@@ -104,15 +103,12 @@ class BaseRouter(nn.Module):
         counts_E = count_per_expert(topk_idx_TK.flatten(), cfg.num_experts)
         if self.training and cfg.bias_update_rate > 0:
             self.pending_load += counts_E.to(self.pending_load.dtype)
-        aux = load_balance_loss(probs_TE, counts_E, cfg.top_k)
-        zl = sum(z_loss(lg) for lg in logits)
         return RouterOutput(
             topk_idx_TK=topk_idx_TK,
             topk_w_TK=topk_w_TK,
             keep_TK=keep_TK,
-            loss=cfg.aux_loss_coef * aux + cfg.z_loss_coef * zl,
-            aux_loss=aux,
-            z_loss=zl,
+            probs_mean_E=probs_TE.mean(0),
+            z_loss=sum(z_loss(lg) for lg in logits),
             entropy=entropy(probs_TE),
             tokens_per_expert_E=counts_E,
         )
