@@ -24,11 +24,23 @@ from xpar.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    restore,
     save_checkpoint,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 FILES_PER_SAVE = 8  # seven payload files, then meta.json
+
+
+def save(root, step, model, opt, sched, extra):
+    sd = (model.state_dict(), opt.state_dict(), sched.state_dict())
+    return save_checkpoint(root, step, *sd, extra)
+
+
+def load(path, model, opt, sched) -> dict:
+    ck = load_checkpoint(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    restore(ck, model, opt, sched)
+    return ck.extra
 
 
 def warmup(step: int) -> float:
@@ -99,7 +111,7 @@ def saved(tmp_path):
     root = tmp_path / "checkpoints"
     model, opt, sched = make_run()
     train(model, opt, sched, 2)
-    return root, save_checkpoint(root, 2, model, opt, sched, {"step": 2})
+    return root, save(root, 2, model, opt, sched, {"step": 2})
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -107,14 +119,14 @@ def test_resume_is_bit_exact(tmp_path):
     model, opt, sched = make_run(seed=0)
     train(model, opt, sched, 3)
     extra = {"step": 3, "loader": {"epoch": 0, "position": 6}, "tokens_seen": 96}
-    path = save_checkpoint(root, 3, model, opt, sched, extra)
+    path = save(root, 3, model, opt, sched, extra)
     model_sd, opt_state = snapshot(model, opt)
     probe = rng_probe()
     losses = train(model, opt, sched, 4)
     final_sd, final_opt = snapshot(model, opt)
 
     model2, opt2, sched2 = make_run(seed=1)  # different init: the load must overwrite it
-    assert load_checkpoint(path, model2, opt2, sched2) == extra
+    assert load(path, model2, opt2, sched2) == extra
     assert_same_state(snapshot(model2, opt2)[0], model_sd)
     assert_same_state(snapshot(model2, opt2)[1], opt_state)
     assert sched2.state_dict() == json.loads((path / "scheduler.json").read_text())
@@ -156,10 +168,10 @@ def test_crash_mid_save_keeps_previous(saved, monkeypatch):
 
     monkeypatch.setattr(ckpt, "_write_file", failing)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(root, 4, model, opt, sched, {"step": 4})
+        save(root, 4, model, opt, sched, {"step": 4})
     assert sorted(p.name for p in root.iterdir()) == ["step_2"]
     assert latest_checkpoint(root) == first
-    assert load_checkpoint(first, model, opt, sched) == {"step": 2}
+    assert load(first, model, opt, sched) == {"step": 2}
 
 
 def test_failed_replace_keeps_same_step(saved, monkeypatch):
@@ -175,13 +187,13 @@ def test_failed_replace_keeps_same_step(saved, monkeypatch):
 
     monkeypatch.setattr(os, "replace", failing)
     with pytest.raises(OSError, match="rename failed"):
-        save_checkpoint(root, 2, model, opt, sched, {"step": 2, "again": True})
+        save(root, 2, model, opt, sched, {"step": 2, "again": True})
     monkeypatch.undo()
     assert latest_checkpoint(root) == path and file_bytes(path) == before
-    save_checkpoint(root, 2, model, opt, sched, {"step": 2, "again": True})
+    save(root, 2, model, opt, sched, {"step": 2, "again": True})
     assert sorted(p.name for p in root.iterdir()) == ["step_2"]  # leftovers cleaned up
     model2, opt2, sched2 = make_run(seed=4)
-    assert load_checkpoint(path, model2, opt2, sched2) == {"step": 2, "again": True}
+    assert load(path, model2, opt2, sched2) == {"step": 2, "again": True}
     assert_same_state(model2.state_dict(), model.state_dict())
 
 
@@ -203,10 +215,11 @@ def killing(path, data):
 
 ckpt._write_file = killing
 model, opt, sched = make_run(seed=0)
+states = lambda: (model.state_dict(), opt.state_dict(), sched.state_dict())
 root = Path({root!r})
-ckpt.save_checkpoint(root, 1, model, opt, sched, {{"step": 1}})
+ckpt.save_checkpoint(root, 1, *states(), {{"step": 1}})
 train(model, opt, sched, 1)
-ckpt.save_checkpoint(root, 2, model, opt, sched, {{"step": 2}})
+ckpt.save_checkpoint(root, 2, *states(), {{"step": 2}})
 """
 
 
@@ -221,9 +234,9 @@ def test_sigkill_mid_save_keeps_previous(tmp_path, kill_at):
     assert sorted(p.name for p in root.iterdir()) == [f".tmp-step_2-{child.pid}", "step_1"]
     assert latest_checkpoint(root) == root / "step_1"
     model, opt, sched = make_run(seed=1)
-    assert load_checkpoint(root / "step_1", model, opt, sched) == {"step": 1}
+    assert load(root / "step_1", model, opt, sched) == {"step": 1}
     assert_same_state(model.state_dict(), make_run(seed=0)[0].state_dict())
-    save_checkpoint(root, 2, model, opt, sched, {"step": 2})
+    save(root, 2, model, opt, sched, {"step": 2})
     assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_2"]
 
 
@@ -241,7 +254,7 @@ def test_corrupt_file_is_reported_and_left_alone(saved, damage):
     model, opt, sched = make_run(seed=1)
     untouched = snapshot(model, opt)
     with pytest.raises(UserError, match=r"model\.safetensors") as err:
-        load_checkpoint(path, model, opt, sched)
+        load(path, model, opt, sched)
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg and "incomplete or corrupt" in msg
     assert ("sha256 mismatch" if damage == "flip" else "bytes, expected") in msg
@@ -255,9 +268,9 @@ def test_missing_meta_or_path(saved):
     (path / "meta.json").unlink()
     assert latest_checkpoint(root) is None
     with pytest.raises(UserError, match="has no meta.json"):
-        load_checkpoint(path, *make_run())
+        load(path, *make_run())
     with pytest.raises(UserError, match="does not exist"):
-        load_checkpoint(root / "step_99", *make_run())
+        load(root / "step_99", *make_run())
     prune_checkpoints(root, keep=1)
     assert path.is_dir()  # an uncommitted dir is not prune's to delete
 
@@ -266,20 +279,20 @@ def test_wrong_model_or_optimizer(saved):
     _, path = saved
     model, opt, sched = make_run(d_ff=32)
     with pytest.raises(UserError, match="does not match the model") as err:
-        load_checkpoint(path, model, opt, sched)
+        load(path, model, opt, sched)
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg and "experts.w1" in msg and "(8, 64, 64)" in msg
     model, _, sched = make_run()
     one_group = torch.optim.AdamW(model.parameters())
     with pytest.raises(UserError, match="does not match the optimizer"):
-        load_checkpoint(path, model, one_group, sched)
+        load(path, model, one_group, sched)
 
 
 def test_non_json_extra_leaves_nothing(saved):
     root, path = saved
     before = file_bytes(path)
     with pytest.raises(TypeError, match="trainer extra state"):
-        save_checkpoint(root, 3, *make_run(), {"step": torch.tensor(3)})
+        save(root, 3, *make_run(), {"step": torch.tensor(3)})
     assert sorted(p.name for p in root.iterdir()) == ["step_2"]
     assert file_bytes(path) == before
 
@@ -289,7 +302,7 @@ def test_latest_orders_numerically_and_prune_keeps_newest(tmp_path):
     assert latest_checkpoint(root) is None
     model, opt, sched = make_run()
     for step in (9, 10, 2, 1):
-        save_checkpoint(root, step, model, opt, sched, {"step": step})
+        save(root, step, model, opt, sched, {"step": step})
     leftover = root / ".tmp-step_11-12345"
     leftover.mkdir()
     (leftover / "meta.json").write_text(json.dumps({"files": {}}))
@@ -304,6 +317,6 @@ def test_latest_orders_numerically_and_prune_keeps_newest(tmp_path):
         "step_12",
         "step_9",
     ]
-    assert load_checkpoint(root / "step_9", *make_run()) == {"step": 9}
-    save_checkpoint(root, 13, model, opt, sched, {"step": 13})
+    assert load(root / "step_9", *make_run()) == {"step": 9}
+    save(root, 13, model, opt, sched, {"step": 13})
     assert not leftover.exists() and latest_checkpoint(root) == root / "step_13"

@@ -136,6 +136,15 @@ class _Combine(torch.autograd.Function):
 
 
 @dataclass
+class A2AStats:
+    """What one expert-parallel dispatch sent from this rank (dispatch and combine together)."""
+
+    rows: int  # rows sent by the all-to-all (one way)
+    pair_rows: int  # rows one per (token, expert) pair would have needed
+    bytes: int  # hidden states there and back plus the slot metadata
+
+
+@dataclass
 class DispatchContext:
     """What combine() needs to undo dispatch()."""
 
@@ -145,6 +154,7 @@ class DispatchContext:
     token_of_row_M: Tensor  # padding rows name token T - 1 (any finite row will do)
     topk_w_TK: Tensor
     dropped_fraction: Tensor  # 0-dim, of the T*K slots, router drops included
+    stats: A2AStats | None = None  # nothing crosses ranks here
 
 
 class LocalDispatcher:

@@ -58,9 +58,9 @@ class GroupedExperts(nn.Module):
         """Normal(0, std) weights (w2: out_std), drawn expert by expert from a generator seeded
         by one draw of the global RNG plus the expert's global id: an expert gets the same
         weights whichever rank holds it, and the global RNG advances the same on every rank."""
-        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
-        if self.w1.is_meta:
+        if self.w1.is_meta:  # materialised and initialised later (to_empty, init_weights)
             return
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         out_std = std if out_std is None else out_std
         for e in range(self.num_experts):
             gen = torch.Generator(self.w1.device).manual_seed(seed + self.first_expert + e)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from xpar.moe.config import MoEConfig
-from xpar.moe.dispatcher import LocalDispatcher
+from xpar.moe.dispatcher import A2AStats, LocalDispatcher
 from xpar.moe.experts import GroupedExperts, SwiGLU
 from xpar.moe.router import TopKRouter, load_balance_loss
 from xpar.moe.two_level import TwoLevelRouter
@@ -27,6 +27,7 @@ class MoEAux:
     tokens_per_expert: Tensor  # [E] slots routed to each expert, before drops
     dropped: Tensor  # 0-dim fraction of the T*K slots dropped
     router_entropy: Tensor
+    a2a: A2AStats | None = None  # what expert parallelism sent; None on one process
 
     @property
     def dropped_fraction(self) -> float:
@@ -70,5 +71,6 @@ class MoELayer(nn.Module):
             tokens_per_expert=r.tokens_per_expert_E,
             dropped=ctx.dropped_fraction,
             router_entropy=r.entropy,
+            a2a=ctx.stats,
         )
         return out_TD.view(x.shape), aux

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LRScheduler
 
 from xpar.checks import UserError
 
@@ -43,22 +43,23 @@ _FILES = (
 def save_checkpoint(
     root: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler,
+    model_state: dict[str, Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
     extra: dict[str, Any],
 ) -> Path:
     """Write `root/step_{step}` atomically (replacing one saved before at the same step) and
-    return its path. `extra` must be JSON-able; load_checkpoint returns it as parsed JSON."""
+    return its path. The states are state_dict()s (under expert parallelism, the gathered
+    global ones); this process's RNG states go along. `extra` must be JSON-able."""
     root = Path(root)
-    optim_tensors, optim_rest = _split_optimizer_state(optimizer.state_dict())
+    optim_tensors, optim_rest = _split_optimizer_state(optimizer_state)
     rng_tensors, rng_rest = _rng_state()
     # Serialise the JSON parts first, so that a non-JSON-able value fails before any write.
     files: dict[str, bytes | dict[str, Tensor]] = {
-        "model.safetensors": _to_cpu(model.state_dict()),
+        "model.safetensors": _to_cpu(model_state),
         "optimizer.safetensors": _to_cpu(optim_tensors),
         "optimizer.json": _json_bytes(optim_rest, "optimizer state (param_groups)"),
-        "scheduler.json": _json_bytes(scheduler.state_dict(), "scheduler state_dict()"),
+        "scheduler.json": _json_bytes(scheduler_state, "scheduler state_dict()"),
         "rng.safetensors": rng_tensors,
         "rng.json": _json_bytes(rng_rest, "RNG state"),
         "trainer.json": _json_bytes(extra, "trainer extra state"),
@@ -90,26 +91,64 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: LRScheduler | None,
-) -> dict[str, Any]:
-    """Verify the checkpoint at `path`, then restore model, optimizer, scheduler and RNG states
-    in place, and return the `extra` dict it was saved with. Reads only; never writes."""
+@dataclass
+class Checkpoint:
+    """A verified checkpoint, read into memory (global state dicts)."""
+
+    path: Path
+    model_state: dict[str, Tensor]
+    optimizer_state: dict[str, Any]  # torch's layout: {"state": {i: {...}}, "param_groups"}
+    scheduler_state: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def load_checkpoint(path: Path, model_shapes: dict[str, tuple[int, ...]]) -> Checkpoint:
+    """Verify the checkpoint at `path` (every file's size and sha256, and its model tensors
+    against `model_shapes`, the global shapes the model expects), restore this process's RNG
+    states, and return the rest. Reads only; never writes."""
     path = Path(path)
     _verify(path)
-    model_sd = load_file(path / "model.safetensors")
-    _check_model_keys(path, model, model_sd)
-    optim_sd = None if optimizer is None else _read_optimizer_state(path, optimizer)
-    model.load_state_dict(model_sd, strict=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(optim_sd)
-    if scheduler is not None:
-        scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+    model_state = load_file(path / "model.safetensors")
+    _check_model_keys(path, model_shapes, model_state)
+    optimizer_state = _read_optimizer_state(path)
     _set_rng_state(load_file(path / "rng.safetensors"), _read_json(path / "rng.json"))
-    return _read_json(path / "trainer.json")
+    return Checkpoint(
+        path,
+        model_state,
+        optimizer_state,
+        _read_json(path / "scheduler.json"),
+        _read_json(path / "trainer.json"),
+    )
+
+
+def restore(
+    ck: Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Load a single-process checkpoint into model, optimizer and scheduler."""
+    model.load_state_dict(ck.model_state, strict=True)
+    optimizer.load_state_dict(match_optimizer(ck, optimizer))
+    scheduler.load_state_dict(ck.scheduler_state)
+
+
+def match_optimizer(ck: Checkpoint, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The saved optimizer state, checked against `optimizer`'s parameter groups, with the
+    tuples JSON turned into lists (AdamW's betas) given back their type."""
+    groups = ck.optimizer_state["param_groups"]
+    want = [len(g["params"]) for g in optimizer.param_groups]
+    got = [len(g["params"]) for g in groups]
+    if want != got:
+        raise UserError(
+            f"checkpoint {ck.path} does not match the optimizer: parameter groups of sizes "
+            f"{got} saved, {want} now"
+        )
+    for now, old in zip(optimizer.param_groups, groups, strict=True):
+        for k, v in old.items():
+            if isinstance(now.get(k), tuple) and isinstance(v, list):
+                old[k] = tuple(v)
+    return ck.optimizer_state
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
@@ -206,27 +245,13 @@ def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[
     return tensors, {"state": scalars, "param_groups": sd["param_groups"]}
 
 
-def _read_optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The saved optimizer state_dict, checked against `optimizer`'s parameter groups."""
+def _read_optimizer_state(path: Path) -> dict[str, Any]:
     rest = _read_json(path / "optimizer.json")
     state: dict[int, dict[str, Any]] = {int(i): s for i, s in rest["state"].items()}
     for key, t in load_file(path / "optimizer.safetensors").items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = t
-    groups = rest["param_groups"]
-    want = [len(g["params"]) for g in optimizer.param_groups]
-    got = [len(g["params"]) for g in groups]
-    if want != got:
-        raise UserError(
-            f"checkpoint {path} does not match the optimizer: parameter groups of sizes {got} "
-            f"saved, {want} now"
-        )
-    # JSON turned tuples (AdamW's betas) into lists; give them back their type.
-    for now, old in zip(optimizer.param_groups, groups, strict=True):
-        for k, v in old.items():
-            if isinstance(now.get(k), tuple) and isinstance(v, list):
-                old[k] = tuple(v)
-    return {"state": state, "param_groups": groups}
+    return {"state": state, "param_groups": rest["param_groups"]}
 
 
 def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -327,8 +352,9 @@ def _short(items: list[str], limit: int = 8) -> str:
     return "[" + ", ".join(items[:limit]) + more + "]"
 
 
-def _check_model_keys(path: Path, model: nn.Module, saved: dict[str, Tensor]) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _check_model_keys(
+    path: Path, want: dict[str, tuple[int, ...]], saved: dict[str, Tensor]
+) -> None:
     missing = sorted(want.keys() - saved.keys())
     unexpected = sorted(saved.keys() - want.keys())
     shapes = [

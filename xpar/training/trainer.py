@@ -1,7 +1,8 @@
-"""The training loop of one process: accumulation, clipping, skipped non-finite steps,
-evaluation against the data's floor, checkpoints, tracking, and a clean stop on SIGINT/SIGTERM.
+"""The training loop: one process or many (torchrun). Accumulation, clipping, skipped
+non-finite steps, evaluation against the data's floor, checkpoints, tracking, and a clean stop
+on SIGINT/SIGTERM that every rank agrees on.
 
-Legend: B micro-batch, S sequence length, L MoE layers, E experts.
+Legend: B micro-batch, L sequence length + 1.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -27,8 +28,11 @@ from xpar.checks import UserError
 from xpar.config import TrainConfig
 from xpar.data import Sharding, build_data, check_token_ids, eval_batches
 from xpar.model import MoETransformerLM, flops_per_token
-from xpar.training import checkpoint as ckpt
+from xpar.parallel.mesh import Mesh, init_mesh, world_from_env
+from xpar.parallel.parallelize import parallelize
 from xpar.training.optim import build_optimizer, build_scheduler
+from xpar.training.resume import load_state, resume_path, save_state
+from xpar.training.stats import StepStats, Tally
 from xpar.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -42,15 +46,11 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class StepResult:
-    """One optimizer step, as Python numbers (read once, after the step)."""
+class StepResult(StepStats):
+    """One optimizer step, reduced over ranks."""
 
-    loss: float  # LM cross-entropy
-    aux_loss: float  # weighted aux + z losses summed over MoE layers
-    grad_norm: float
-    skipped: bool
-    dropped_fraction: float
-    load_LE: np.ndarray  # fraction of routed slots per expert, per MoE layer
+    grad_norm: float = math.nan
+    skipped: bool = False
 
 
 @dataclass
@@ -66,11 +66,12 @@ class FitResult:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device `trainer.device` names; under torchrun, the rank's own GPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", world_from_env()[2])
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -87,21 +88,31 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Builds the model, data, optimizer and tracker for a TrainConfig and runs the loop."""
+    """Builds the model, data, optimizer and tracker for a TrainConfig and runs the loop.
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -> None:
+    The model is built on the meta device and materialised by parallelize(), so its weights
+    are the same whatever the number of processes and EP size.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any], mesh: Mesh | None = None
+    ) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         tc = cfg.trainer
-        self.device = pick_device(tc.device)
+        self.mesh = mesh or init_mesh(cfg.parallel, cfg.moe, pick_device(tc.device))
+        self.device, layout = self.mesh.device, self.mesh.layout
+        self.rank, self.world = layout.rank, layout.world
         use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        resume_from = self._resume_path()
+        resume_from = resume_path(tc.resume, self.ckpt_root)
         seed_everything(tc.seed)
         self.model_cfg = cfg.model_config()
-        self.model = MoETransformerLM(self.model_cfg).to(self.device)
-        micro, self.accum_steps = cfg.data.accumulation(dp_world=1)
-        shard = Sharding(micro, seed=tc.seed, overfit_batches=tc.overfit_batches)
+        with torch.device("meta"):
+            self.model = MoETransformerLM(self.model_cfg)
+        self.pm = parallelize(self.model, self.mesh, cfg.parallel)
+        micro, self.accum_steps = cfg.data.accumulation(dp_world=self.world)
+        shard = Sharding(micro, self.rank, self.world, tc.seed, tc.overfit_batches)
         self.data = build_data(cfg.data, self.model_cfg.vocab_size, shard)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
@@ -109,52 +120,21 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from)
         self.tracker = Tracker(
-            self.run_dir, cfg.logger, config_dict, resume_step=self.step if resume_from else None
+            self.run_dir,
+            cfg.logger,
+            config_dict,
+            enabled=self.rank == 0,
+            resume_step=self.step if resume_from else None,
         )
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_tflops(self.device, tc.peak_tflops)
         self._stop_signal: int | None = None
 
-    # ---- resume -----------------------------------------------------------------------------
-
-    def _resume_path(self) -> Path | None:
-        """The checkpoint to resume from, or None for a fresh run. A fresh run refuses a run dir
-        that already holds checkpoints, which it would otherwise overwrite."""
-        resume = self.cfg.trainer.resume
-        if resume is False:
-            if ckpt.latest_checkpoint(self.ckpt_root) is not None:
-                raise UserError(
-                    f"{self.ckpt_root} already holds checkpoints; pass trainer.resume=true to "
-                    f"continue that run, or another run_name to start a new one"
-                )
-            return None
-        if resume is True:
-            path = ckpt.latest_checkpoint(self.ckpt_root)
-            if path is None:
-                log.warning(
-                    "trainer.resume=true: no checkpoint in %s, starting at step 0", self.ckpt_root
-                )
-            return path
-        path = Path(resume)
-        if not path.exists():
-            raise UserError(f"trainer.resume={resume}: no such checkpoint")
-        if not (path / "meta.json").exists():  # a checkpoints/ dir: its newest checkpoint
-            newest = ckpt.latest_checkpoint(path)
-            if newest is None:
-                raise UserError(f"trainer.resume={resume}: holds no complete checkpoint")
-            path = newest
-        return path
+    # ---- checkpoints -------------------------------------------------------------------------
 
     def _load(self, path: Path) -> None:
-        try:
-            extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        except UserError as e:
-            older = [p for p in ckpt.complete_checkpoints(path.parent) if p != path]
-            hint = (
-                f"; to resume from an earlier one pass trainer.resume={older[-1]}" if older else ""
-            )
-            raise UserError(f"{e}{hint}") from e
+        extra = load_state(path, self.pm, self.optimizer, self.scheduler)
         self.step, self.bad_steps = int(extra["step"]), int(extra["bad_steps"])
         self.bad_streak = int(extra["bad_streak"])
         self.data.train.load_state_dict(extra["data"])
@@ -167,55 +147,48 @@ class Trainer:
             "bad_streak": self.bad_streak,
             "data": self.data.train.state_dict(),
         }
-        path = ckpt.save_checkpoint(
-            self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler, extra
-        )
-        ckpt.prune_checkpoints(self.ckpt_root, self.cfg.trainer.keep_checkpoints)
-        return path
+        keep = self.cfg.trainer.keep_checkpoints
+        args = (self.pm, self.optimizer, self.scheduler, extra, keep)
+        return save_state(self.ckpt_root, self.step, *args)
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def _autocast(self):
-        enabled = self.autocast_dtype is not None
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
+    def _tally(self) -> Tally:
+        moe = self.model_cfg.moe
+        num_experts = 0 if moe is None else moe.num_experts
+        return Tally(len(self.model_cfg.moe_layer_ids()), num_experts, self.device)
 
-    def _forward(self, tokens_BL: Tensor):
+    def _forward(self, tokens_BL: Tensor, module: nn.Module | Any):
         check_token_ids(tokens_BL, self.model_cfg.vocab_size, "training batch")
         tokens_BL = tokens_BL.to(self.device, non_blocking=True)
-        with self._autocast():
-            return self.model(tokens_BL[:, :-1], targets_BS=tokens_BL[:, 1:])
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
+            return module(tokens_BL[:, :-1], targets_BS=tokens_BL[:, 1:])
 
     def train_step(self, micro_batches: list[Tensor]) -> StepResult:
-        """Forward/backward over the micro-batches, clip, then step unless anything is
-        non-finite, in which case the weights, optimizer state and balancing biases stay as
-        they were."""
+        """Forward/backward over the micro-batches, reduce and clip the gradients, then step
+        unless anything is non-finite on any rank, in which case the weights, optimizer state
+        and balancing biases stay as they were."""
         self.model.train()
         n = len(micro_batches)
-        lm = aux = dropped = torch.zeros((), device=self.device)
-        load_LE = None
-        for tokens_BL in micro_batches:
-            out = self._forward(tokens_BL)
-            ((out.loss + out.aux_loss) / n).backward()
-            lm, aux = lm + out.loss.detach() / n, aux + out.aux_loss.detach() / n
-            if out.aux:
-                counts_LE = torch.stack([a.tokens_per_expert for a in out.aux]).float()
-                load_LE = counts_LE if load_LE is None else load_LE + counts_LE
-                dropped = dropped + torch.stack([a.dropped for a in out.aux]).mean() / n
-        clip = self.cfg.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        loss, aux_loss, norm = (float(v) for v in (lm, aux, grad_norm))
-        skipped = not all(math.isfinite(v) for v in (loss, aux_loss, norm))
+        tally = self._tally()
+        for i, tokens_BL in enumerate(micro_batches):
+            with self.pm.no_sync(sync=i == n - 1):
+                out = self._forward(tokens_BL, self.pm)
+                ((out.loss + out.aux_loss) / n).backward()
+            tally.add(out, 1.0 / n)
+        self.pm.reduce_expert_grads()
+        grad_norm = float(self.pm.clip_grad_norm_(self.cfg.optim.grad_clip or math.inf))
+        stats = tally.reduce(self.pm, stop=self._stop_signal is not None)
+        skipped = not all(math.isfinite(v) for v in (stats.loss, stats.aux_loss, grad_norm))
         if skipped:
             self.model.discard_expert_load()
         else:
             self.optimizer.step()
-            self.model.update_expert_bias()
+            self.pm.update_expert_bias()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if load_LE is None:
-            load_LE = torch.zeros(0, 0)
-        load_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
-        return StepResult(loss, aux_loss, norm, skipped, float(dropped), load_LE.cpu().numpy())
+        return StepResult(**vars(stats), grad_norm=grad_norm, skipped=skipped)
 
     # ---- evaluation --------------------------------------------------------------------------
 
@@ -223,22 +196,16 @@ class Trainer:
     def evaluate(self) -> tuple[float, np.ndarray]:
         """(mean LM loss per token over the validation split, expert load [L, E] on it)."""
         self.model.eval()
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        count, load_LE = 0, None
-        micro = self.cfg.data.micro_batch_size or self.cfg.data.batch_size
-        for tokens_BL in eval_batches(self.data.val, micro, self.cfg.trainer.eval_batches):
-            out = self._forward(tokens_BL)
-            targets = tokens_BL[:, 1:].numel()
-            total += out.loss.double() * targets
-            count += targets
-            if out.aux:
-                counts_LE = torch.stack([a.tokens_per_expert for a in out.aux]).double()
-                load_LE = counts_LE if load_LE is None else load_LE + counts_LE
+        tally = self._tally()
+        micro = self.cfg.data.accumulation(self.world)[0]
+        batches = eval_batches(
+            self.data.val, micro, self.cfg.trainer.eval_batches, self.rank, self.world
+        )
+        for tokens_BL in batches:
+            tally.add(self._forward(tokens_BL, self.model), weight=tokens_BL[:, 1:].numel())
         self.model.train()
-        if load_LE is None:
-            load_LE = torch.zeros(0, 0)
-        load_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
-        return float(total) / max(count, 1), load_LE.cpu().numpy()
+        stats = tally.reduce(self.pm)
+        return stats.loss, stats.load_LE
 
     def _eval_and_log(self) -> float:
         val_loss, load_LE = self.evaluate()
@@ -258,8 +225,8 @@ class Trainer:
 
     @contextmanager
     def _stop_on_signals(self):
-        """SIGINT/SIGTERM ask the loop to save and stop after the current step; a second
-        SIGINT interrupts at once."""
+        """SIGINT/SIGTERM ask the loop to save and stop after the current step (the ranks agree
+        on which step through the step's all-reduce); a second SIGINT interrupts at once."""
 
         def handler(signum, frame):
             if self._stop_signal is not None and signum == signal.SIGINT:
@@ -283,9 +250,11 @@ class Trainer:
             "dropped_fraction": r.dropped_fraction,
             "skipped_steps": self.bad_steps,
             "expert_load": np.round(r.load_LE.astype(np.float64), 5).tolist(),
+            **r.a2a,
         }
         if self.peak is not None:
-            metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * 1e12)
+            peak = self.peak * 1e12 * self.world
+            metrics["mfu"] = tokens_per_s * self.flops_per_token / peak
         return metrics
 
     def fit(self, stop_at: int | None = None) -> FitResult:
@@ -295,60 +264,65 @@ class Trainer:
         result = FitResult(self.step, None, self.data.floor, self.bad_steps)
         torch.autograd.set_detect_anomaly(tc.detect_anomaly)
         # A live bar on a terminal; in a log file (batch jobs, CI) one line per logged step.
+        live = tc.progress and sys.stderr.isatty() and self.rank == 0
         bar = tqdm(
             total=tc.max_steps,
             initial=self.step,
             dynamic_ncols=True,
             desc="train",
-            disable=not (tc.progress and sys.stderr.isatty()),
+            disable=not live,
         )
-        tick, tokens = time.perf_counter(), 0
-        with self._stop_on_signals(), logging_redirect_tqdm():
-            while self.step < end and self._stop_signal is None:
-                r = self.train_step(self.data.train.next_step())
-                self.step += 1
-                tokens += self.tokens_per_step
-                self._count_bad(r)
-                result.losses[self.step] = r.loss
-                bar.update(1)
-                if self.step % tc.log_every == 0 or self.step == end:
-                    elapsed = time.perf_counter() - tick
-                    metrics = self._step_metrics(r, tokens / max(elapsed, 1e-9))
-                    self.tracker.log(self.step, metrics)
-                    self._show(bar, metrics)
-                    tick, tokens = time.perf_counter(), 0
-                if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
-                    result.val_loss = self._eval_and_log()
-                    tick, tokens = time.perf_counter(), 0
-                if self.step % tc.save_every == 0 or self.step == tc.max_steps:
-                    self.save()
-                    tick, tokens = time.perf_counter(), 0
-        bar.close()
-        result.step, result.skipped_steps = self.step, self.bad_steps
-        if self.step < tc.max_steps:  # stopped by a signal or stop_at
-            path = self.save()
-            why = (
-                f"signal {signal.Signals(self._stop_signal).name}"
-                if self._stop_signal
-                else ("stop_at")
-            )
-            log.info("stopped at step %d (%s); checkpoint %s", self.step, why, path)
-            result.stopped_early = True
-        self.tracker.finish()
+        tick, tokens, stopping = time.perf_counter(), 0, False
+        try:
+            with self._stop_on_signals(), logging_redirect_tqdm():
+                while self.step < end and not stopping:
+                    r = self.train_step(self.data.train.next_step())
+                    self.step += 1
+                    tokens += self.tokens_per_step
+                    stopping = r.stop
+                    self._count_bad(r)
+                    result.losses[self.step] = r.loss
+                    bar.update(1)
+                    if self.step % tc.log_every == 0 or self.step == end or stopping:
+                        elapsed = time.perf_counter() - tick
+                        metrics = self._step_metrics(r, tokens / max(elapsed, 1e-9))
+                        self.tracker.log(self.step, metrics)
+                        self._show(bar, metrics)
+                        tick, tokens = time.perf_counter(), 0
+                    if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
+                        result.val_loss = self._eval_and_log()
+                        tick, tokens = time.perf_counter(), 0
+                    if self.step % tc.save_every == 0 or self.step == tc.max_steps:
+                        self.save()
+                        tick, tokens = time.perf_counter(), 0
+            bar.close()
+            result.step, result.skipped_steps = self.step, self.bad_steps
+            if self.step < tc.max_steps:  # stopped by a signal or stop_at
+                self._stop_early(result, by_signal=stopping)
+        finally:
+            self.tracker.finish()
         return result
+
+    def _stop_early(self, result: FitResult, by_signal: bool) -> None:
+        """Save (unless this step just did) and say why the run stopped."""
+        path = self.ckpt_root / f"step_{self.step}"
+        if self.step % self.cfg.trainer.save_every:
+            path = self.save()
+        if self._stop_signal is not None:
+            why = f"signal {signal.Signals(self._stop_signal).name}"
+        else:
+            why = "a signal on another rank" if by_signal else "stop_at"
+        log.info("stopped at step %d (%s); checkpoint %s", self.step, why, path)
+        result.stopped_early = True
 
     def _show(self, bar: tqdm, metrics: dict[str, Any]) -> None:
         loss, lr, tok_s = metrics["loss"], metrics["lr"], metrics["tokens_per_s"]
         if not bar.disable:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
         elif self.cfg.trainer.progress:
+            max_steps = self.cfg.trainer.max_steps
             log.info(
-                "step %d/%d loss %.4f lr %.2e tokens/s %.0f",
-                self.step,
-                self.cfg.trainer.max_steps,
-                loss,
-                lr,
-                tok_s,
+                "step %d/%d loss %.4f lr %.2e tokens/s %.0f", self.step, max_steps, loss, lr, tok_s
             )
 
     def _count_bad(self, r: StepResult) -> None:

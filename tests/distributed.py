@@ -1,0 +1,67 @@
+"""Run a script in several processes on the CPU (gloo), under a watchdog: a hang fails the test
+instead of stalling CI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(
+    args: list[str], world: int, timeout: float = 300, cwd: Path | None = None
+) -> list[subprocess.CompletedProcess]:
+    """Start `python ARGS` as ranks 0..world-1 of one job (the environment torchrun would set)
+    and wait for all; on timeout kill them all and raise."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *args],
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    results, deadline = [], time.monotonic() + timeout
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(deadline - time.monotonic(), 1))
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError(f"{args} with {world} ranks hung for {timeout} s") from None
+    return results
+
+
+def assert_all_ok(results: list[subprocess.CompletedProcess]) -> None:
+    for rank, r in enumerate(results):
+        assert r.returncode == 0, f"rank {rank} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

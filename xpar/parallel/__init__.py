@@ -1,0 +1,1 @@
+"""Expert parallelism: process layout, the all-to-all dispatcher, and parallelize()."""

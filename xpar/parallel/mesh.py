@@ -1,0 +1,125 @@
+"""Process layout: expert-parallel (EP) groups of `ep_size` consecutive ranks, expert-data-
+parallel (EDP) groups of the ranks that hold the same experts, and dense data parallelism over
+the whole world. Every rank reads its own shard of the data.
+
+Legend: W world size, P ep_size. Rank r is EP rank r % P of EP group r // P; the EDP group of
+r is {r' : r' % P == r % P} (W / P ranks). "EP=2 x DP=2" is W=4, P=2.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from xpar.checks import UserError
+from xpar.config import ParallelConfig
+from xpar.moe import MoEConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits; derived from the world size and ep_size alone."""
+
+    world: int
+    rank: int
+    ep_size: int
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    @property
+    def edp_size(self) -> int:
+        return self.world // self.ep_size
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) as torchrun sets them; (1, 0, 0) without torchrun."""
+    env = os.environ
+    return int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+
+
+def check_layout(parallel: ParallelConfig, moe: MoEConfig | None, world: int) -> None:
+    """Raise UserError unless the layout fits the world and the MoE layer. It looks only at the
+    config and the world size, so every rank reaches the same verdict before any collective."""
+    P = parallel.ep_size
+    if world % P:
+        launch = " (launch with torchrun --nproc_per_node N)" if world == 1 else ""
+        raise UserError(
+            f"parallel.ep_size={P} does not divide the world size {world}{launch}; use an "
+            f"ep_size that divides the number of processes"
+        )
+    if P == 1:
+        return
+    if moe is None:
+        raise UserError(f"parallel.ep_size={P} needs MoE layers, but moe=dense has none")
+    if moe.num_experts % P:
+        raise UserError(
+            f"moe.num_experts={moe.num_experts} is not divisible by parallel.ep_size={P}"
+        )
+    if moe.router == "two_level" and moe.num_groups % P and P % moe.num_groups:
+        raise UserError(
+            f"moe.num_groups={moe.num_groups} does not map onto parallel.ep_size={P} ranks: "
+            f"each rank must hold whole groups (num_groups divisible by ep_size) or each group "
+            f"whole ranks (ep_size divisible by num_groups)"
+        )
+    if moe.pad_to_capacity:
+        raise UserError(
+            f"moe.pad_to_capacity=True is single-process only; parallel.ep_size={P} moves "
+            f"only the kept slots"
+        )
+
+
+@dataclass
+class Mesh:
+    """The process groups of one job (all None in a world of one)."""
+
+    layout: Layout
+    device: torch.device
+    device_mesh: DeviceMesh | None = None
+
+    @property
+    def world_group(self) -> ProcessGroup | None:
+        return dist.group.WORLD if self.device_mesh is not None else None
+
+    @property
+    def ep_group(self) -> ProcessGroup | None:
+        return None if self.device_mesh is None else self.device_mesh.get_group("ep")
+
+    @property
+    def edp_group(self) -> ProcessGroup | None:
+        return None if self.device_mesh is None else self.device_mesh.get_group("edp")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def join_process_group(device: torch.device, timeout_s: int) -> None:
+    """Join the job's default process group (torchrun's environment names it): nccl on GPUs,
+    gloo on the CPU. A no-op when already joined."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend_for(device), timeout=timeout)
+
+
+def init_mesh(parallel: ParallelConfig, moe: MoEConfig | None, device: torch.device) -> Mesh:
+    """Check the layout, then (in a world of more than one) join the process group and build
+    the (edp, ep) device mesh on `device` (this rank's GPU, or the CPU)."""
+    world, rank, _ = world_from_env()
+    check_layout(parallel, moe, world)
+    layout = Layout(world, rank, parallel.ep_size)
+    if world == 1:
+        return Mesh(layout, device)
+    join_process_group(device, parallel.timeout_s)
+    shape = (world // parallel.ep_size, parallel.ep_size)
+    device_mesh = init_device_mesh(device.type, shape, mesh_dim_names=("edp", "ep"))
+    return Mesh(layout, device, device_mesh)

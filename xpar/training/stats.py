@@ -1,0 +1,86 @@
+"""A step's statistics, summed over micro-batches and then over ranks in one all-reduce.
+
+Legend: L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from xpar.model import LMOutput
+from xpar.parallel.parallelize import ParallelModel
+
+
+@dataclass
+class StepStats:
+    """One step (or one evaluation) as Python numbers, the same on every rank."""
+
+    loss: float  # LM cross-entropy, mean over the step's tokens
+    aux_loss: float  # weighted aux + z losses summed over MoE layers
+    dropped_fraction: float
+    load_LE: np.ndarray  # fraction of routed slots per expert, per MoE layer
+    a2a: dict[str, float]  # all-to-all rows / pair rows / bytes summed over ranks (EP only)
+    stop: bool  # some rank was asked to stop (a signal)
+
+
+class Tally:
+    """Sums of LMOutputs; reduce() averages the losses over ranks (each rank's token count is
+    the same) and sums the counts."""
+
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device) -> None:
+        self.device = device
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm, aux, dropped
+        self.counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
+        self.a2a = [0, 0, 0]  # rows, pair rows, bytes (host ints: known after the dispatch)
+        self.weight = 0.0
+
+    def add(self, out: LMOutput, weight: float = 1.0) -> None:
+        """Count one forward pass at `weight` (e.g. 1 / micro-steps, or its token count)."""
+        if weight:  # an empty evaluation share has NaN means: weight 0 must not count them
+            self.sums[0] += out.loss.detach().double() * weight
+            self.sums[1] += out.aux_loss.detach().double() * weight
+            self.weight += weight
+        if out.aux:
+            if weight:
+                dropped = torch.stack([a.dropped for a in out.aux]).double().mean()
+                self.sums[2] += dropped * weight
+            self.counts_LE += torch.stack([a.tokens_per_expert for a in out.aux]).double()
+            for a in out.aux:
+                if a.a2a is not None:
+                    self.a2a[0] += a.a2a.rows
+                    self.a2a[1] += a.a2a.pair_rows
+                    self.a2a[2] += a.a2a.bytes
+
+    def reduce(self, pm: ParallelModel, stop: bool = False) -> StepStats:
+        extra = torch.tensor(
+            [self.weight, float(stop), *self.a2a], dtype=torch.float64, device=self.device
+        )
+        packed = torch.cat([self.sums, extra, self.counts_LE.flatten()])
+        packed = pm.all_reduce_mean(packed) * pm.mesh.layout.world  # sums over ranks
+        sums, weight, stop_votes = packed[:3], packed[3], packed[4]
+        a2a = packed[5:8].tolist()
+        counts_LE = packed[8:].view_as(self.counts_LE)
+        load_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1)
+        mean = (sums / weight.clamp_min(1e-12)).tolist()
+        return StepStats(
+            loss=mean[0],
+            aux_loss=mean[1],
+            dropped_fraction=mean[2],
+            load_LE=load_LE.cpu().numpy(),
+            a2a=_a2a_metrics(a2a) if a2a[1] else {},
+            stop=bool(stop_votes > 0),
+        )
+
+
+def _a2a_metrics(a2a: list[float]) -> dict[str, Any]:
+    rows, pairs, nbytes = a2a
+    return {
+        "a2a_rows": int(rows),
+        "a2a_pair_rows": int(pairs),
+        "a2a_bytes": int(nbytes),
+        "a2a_saving": 1.0 - rows / pairs,
+    }
