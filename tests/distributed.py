@@ -65,3 +65,23 @@ def run_ranks(
 def assert_all_ok(results: list[subprocess.CompletedProcess]) -> None:
     for rank, r in enumerate(results):
         assert r.returncode == 0, f"rank {rank} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+
+def torchrun(
+    args: list[str], nproc: int, cwd: Path, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node NPROC -m xpar.train ARGS` as a user runs it,
+    killed with all its workers if it outlives `timeout`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc_per_node", str(nproc), "-m", "xpar.train", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"torchrun {args} hung for {timeout} s") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

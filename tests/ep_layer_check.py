@@ -72,8 +72,11 @@ def reference(layer: MoELayer, xs, gs):
 def check_case(name: str, routing: dict, cf, skewed: bool, mesh, dedup: bool) -> None:
     layout = mesh.layout
     if skewed:  # all on rank 0, which holds experts 0 and 1 at EP=4 (group 0)
-        routing = {**routing, "top_k": 2, "top_groups": 1} if "top_groups" in routing else {
-            **routing, "top_k": 2}
+        routing = (
+            {**routing, "top_k": 2, "top_groups": 1}
+            if "top_groups" in routing
+            else {**routing, "top_k": 2}
+        )
     cfg = MoEConfig(d_model=D, d_ff=12, num_experts=8, capacity_factor=cf, **routing)
     ref = build(cfg, skewed)
     ep = copy.deepcopy(ref)

@@ -8,6 +8,7 @@ checkpoints/step_N/. Bad input ends the run with one line on stderr and exit cod
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -18,33 +19,37 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from xpar.checks import UserError
 from xpar.config import register_configs, to_train_config
+from xpar.parallel.mesh import world_from_env
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("xpar.train")
 
 
-def fail(message: str, error: Exception) -> None:
-    """Report bad input as one line and exit 2 (set XPAR_TRACEBACK=1 for the traceback)."""
-    if os.environ.get("XPAR_TRACEBACK"):
+def fail(message: str, error: Exception | None = None) -> None:
+    """Report bad input as one line and exit 2 (set XPAR_TRACEBACK=1 for the traceback).
+    Under torchrun every rank reports, prefixed with its rank."""
+    if error is not None and os.environ.get("XPAR_TRACEBACK"):
         raise error
-    print(f"xpar: error: {message}", file=sys.stderr)
+    world, rank, _ = world_from_env()
+    where = f"[rank {rank}] " if world > 1 else ""
+    print(f"xpar: error: {where}{message}", file=sys.stderr)
     sys.exit(2)
 
 
-def check_overrides(overrides: list[str]) -> None:
+def check_overrides(overrides: list[str]) -> DictConfig | None:
     """Compose once up front so an unknown group option, key or badly typed value is reported
-    in one line instead of Hydra's multi-line report. Sweeps (-m) and Hydra's own flags go
-    straight to Hydra."""
+    in one line instead of Hydra's multi-line report; returns the composed config (with its
+    hydra node). Sweeps (-m) and Hydra's own flags go straight to Hydra (None)."""
     if any(arg.startswith("-") for arg in overrides):
-        return
+        return None
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose("config", overrides=overrides, return_hydra_config=True)
+            return compose("config", overrides=overrides, return_hydra_config=True)
     except MissingConfigException as e:
         options = sorted(o for o in (e.options or []) if not o.startswith("schema"))
         fail(f"{str(e).splitlines()[0]}; valid options: {', '.join(options)}", e)
@@ -55,19 +60,62 @@ def check_overrides(overrides: list[str]) -> None:
         GlobalHydra.instance().clear()
 
 
+def prepare_distributed(composed: DictConfig | None, overrides: list[str]) -> None:
+    """Under torchrun, before Hydra starts the job: check the layout on every rank (no
+    collective yet, so a bad one fails everywhere without a hang), join the process group,
+    and give every rank rank 0's run name (each rank would resolve ${now:...} itself)."""
+    import torch.distributed as dist
+
+    from xpar.parallel.mesh import check_layout, join_process_group
+    from xpar.training.trainer import pick_device
+
+    if composed is None:
+        fail("under torchrun, pass plain overrides only (no -m sweeps or Hydra flags)")
+    HydraConfig.instance().set_config(composed)
+    job = copy.deepcopy(composed)
+    with open_dict(job):
+        del job["hydra"]
+    try:
+        cfg = to_train_config(job)
+        check_layout(cfg.parallel, cfg.moe, world_from_env()[0])
+        device = pick_device(cfg.trainer.device)
+    except UserError as e:
+        fail(str(e), e)
+    join_process_group(device, cfg.parallel.timeout_s)
+    if not any(arg.startswith("run_name=") for arg in overrides):
+        name = [cfg.run_name]
+        dist.broadcast_object_list(name, src=0)
+        sys.argv.append(f"run_name={name[0]}")
+
+
+def quiet_other_ranks() -> None:
+    """Only rank 0 writes the log file and logs progress; other ranks log warnings."""
+    if world_from_env()[1] == 0:
+        return
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
 def run(cfg: DictConfig) -> None:
     """One job: check the config, write it resolved, train, print the final evaluation."""
     from xpar.training.trainer import Trainer, TrainingDiverged  # torch-heavy; after parsing
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    quiet_other_ranks()
+    rank = world_from_env()[1]
     try:
         train_cfg = to_train_config(cfg)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+        if rank == 0:
+            OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
         trainer = Trainer(train_cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
         log.info("run dir %s; %s", run_dir, trainer.data.description)
         result = trainer.fit()
     except (UserError, TrainingDiverged) as e:
         fail(str(e), e)
+        return
+    if rank != 0:
         return
     if result.val_loss is not None and not result.stopped_early:
         line = f"final validation loss {result.val_loss:.4f} nats/token"
@@ -84,8 +132,14 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
-    check_overrides(sys.argv[1:])
+    composed = check_overrides(sys.argv[1:])
+    if world_from_env()[0] > 1:
+        prepare_distributed(composed, sys.argv[1:])
     _hydra_main()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ group covers all W ranks, and it too is divided by W.
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import nullcontext
 
@@ -27,6 +28,13 @@ from xpar.model import MoETransformerLM
 from xpar.moe import GroupedExperts, MoELayer
 from xpar.parallel.dispatcher import AllToAllDispatcher
 from xpar.parallel.mesh import Layout, Mesh
+
+# torch >= 2.13 renamed DDP's broadcast_buffers (and warns on the old name).
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
@@ -73,8 +81,9 @@ class ParallelModel:
             DDP._set_params_and_buffers_to_ignore_for_model(module, sorted(expert_names))
             device_ids = [mesh.device] if mesh.device.type == "cuda" else None
             # Buffers stay per rank: balancing biases are kept equal by update_expert_bias, and
-            # the load tallies must stay local until then.
-            self.ddp = DDP(module, device_ids=device_ids, broadcast_buffers=False)
+            # the load tallies must stay local until then (equal at start, so syncing them at
+            # init is harmless).
+            self.ddp = DDP(module, device_ids=device_ids, **_NO_BUFFER_SYNC)
 
     def __call__(self, *args, **kwargs):
         return (self.ddp or self.module)(*args, **kwargs)
