@@ -6,10 +6,13 @@ and peer implementations, all in one process and one run.
 
 Rows: the dense SwiGLU over T*k rows (the practical ceiling), Hugging Face Mixtral's sparse
 block (grouped_mm and eager experts), DeepSpeed-MoE (capacity 1.0, 1.25, dropless), xpar
-dropless, xpar cf=1.25 and xpar two-level. Columns: mean ms per forward + backward, TFLOPS of
-the expert matmuls (18 * T * k * D * F per step, whatever a row drops), that as a fraction of
-the dense row's, and peak device memory. Peers that are missing or cannot take a shape get a
-note instead of numbers.
+dropless, xpar's expert-parallel code path at ep_size=1, xpar cf=1.25 and xpar two-level.
+Then, unless --a2a-steps=0, an estimate of all-to-all traffic at shape B for EP=8 and EP=64
+from the routing of tiny models trained here (xpar.bench.a2a_estimate).
+
+Columns: mean ms per forward + backward, TFLOPS of the expert matmuls (18 * T * k * D * F per
+step, whatever a row drops), that as a fraction of the dense row's, and peak device memory.
+Peers that are missing or cannot take a shape get a note instead of numbers.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from xpar.bench import peers
+from xpar.bench import a2a_estimate, peers
 from xpar.moe import MoEConfig, MoELayer, SwiGLU
+from xpar.parallel.dispatcher import AllToAllDispatcher
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,13 @@ class Dense(nn.Module):
 Builder = Callable[[MoELayer], nn.Module]
 
 
+def ep_path(layer: MoELayer) -> nn.Module:
+    """The layer with the expert-parallel dispatcher at ep_size=1: every step of EP but the
+    network (counts, the host sync for the splits, row metadata, expansion)."""
+    layer.dispatcher = AllToAllDispatcher(layer.cfg, None, ep_size=1)
+    return peers.OneSequence(layer)
+
+
 def rows_for(shape: Shape) -> list[tuple[str, Builder, dict]]:
     """(row name, builder from a reference xpar layer, xpar config overrides) in table order."""
     return [
@@ -115,6 +126,7 @@ def rows_for(shape: Shape) -> list[tuple[str, Builder, dict]]:
         ("DeepSpeed-MoE cf=1.25", lambda ref: peers.deepspeed_moe(ref, 1.25), {}),
         ("DeepSpeed-MoE dropless", lambda ref: peers.deepspeed_moe(ref, None), {}),
         ("xpar dropless", peers.OneSequence, {}),
+        ("xpar EP path, ep_size=1", ep_path, {}),
         ("xpar cf=1.25", peers.OneSequence, {"capacity_factor": 1.25}),
         ("xpar two-level dropless", peers.OneSequence, two_level_overrides(shape)),
     ]
@@ -237,6 +249,8 @@ def run(args: argparse.Namespace) -> list[Result]:
         with open(args.json, "w") as f:
             for r in results:
                 f.write(json.dumps({"device": label, **asdict(r)}) + "\n")
+    if args.a2a_steps:
+        a2a_estimate.print_estimate(a2a_estimate.estimate(args.a2a_steps, device))
     return results
 
 
@@ -248,9 +262,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU")
     p.add_argument("--json", default=None, help="also write one JSON line per row here")
+    p.add_argument(
+        "--a2a-steps", type=int, default=300, help="training steps of the all-to-all estimate's "
+        "tiny models (0 skips the estimate)"
+    )  # fmt: skip
     args = p.parse_args(argv)
-    if args.iters < 1 or args.warmup < 0:
-        p.error(f"--iters={args.iters} must be >= 1 and --warmup={args.warmup} >= 0")
+    if args.iters < 1 or args.warmup < 0 or args.a2a_steps < 0:
+        p.error(
+            f"--iters={args.iters} must be >= 1, --warmup={args.warmup} >= 0 and "
+            f"--a2a-steps={args.a2a_steps} >= 0"
+        )
     return args
 
 
