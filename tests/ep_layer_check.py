@@ -125,6 +125,28 @@ def check_dedup(name, layer, x, aux) -> None:
     assert aux.a2a.rows <= aux.a2a.pair_rows, name
 
 
+def check_empty_rank(mesh) -> None:
+    """The last rank has no token at all: it still joins every exchange, sends and receives
+    what it must, and its outputs are empty; everyone else matches the reference."""
+    layout = mesh.layout
+    cfg = MoEConfig(d_model=D, d_ff=12, num_experts=8, top_k=2)
+    ref = build(cfg, skewed=False)
+    ep = copy.deepcopy(ref)
+    shard_experts(ep, layout)
+    ep.dispatcher = AllToAllDispatcher(cfg, mesh.ep_group, layout.ep_size)
+    xs = batches(layout.world, skewed=False)
+    xs[-1] = xs[-1][:0]
+    gs = [torch.randn_like(x) for x in xs]
+    ref_outs, ref_x_grads = reference(ref, xs, gs)
+    x = xs[layout.rank].clone().requires_grad_()
+    out, _ = ep(x)
+    (out * gs[layout.rank]).sum().backward()
+    close(out.detach(), ref_outs[layout.rank], "empty rank out")
+    close(x.grad, ref_x_grads[layout.rank], "empty rank x.grad")
+    for p in ep.experts.parameters():
+        assert p.grad is not None
+
+
 def check_global_aux(mesh) -> None:
     """With the balancing statistics summed over ranks, the ranks' mean aux loss and its
     gradient equal the single-process layer's on the union of the batches."""
@@ -159,6 +181,7 @@ def main() -> None:
                 for dedup in (False, True):
                     case = f"{name} cf={cf} skewed={skewed} dedup={dedup}"
                     check_case(case, routing, cf, skewed, mesh, dedup)
+    check_empty_rank(mesh)
     check_global_aux(mesh)
     dist.barrier()
     print(f"rank {mesh.layout.rank}: all cases match")

@@ -72,6 +72,18 @@ def test_idle_experts_get_zero_not_none_gradients():
         assert torch.count_nonzero(w.grad[2]) > 0
 
 
+@pytest.mark.parametrize("cf", [None, 1.0])
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(cf):
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=2, capacity_factor=cf))
+    x = torch.randn(0, 8, requires_grad=True)
+    out, aux = layer(x)
+    out.sum().backward()
+    assert out.shape == (0, 8) and x.grad.shape == (0, 8)
+    assert aux.tokens_per_expert.sum() == 0
+    for w in (layer.experts.w1, layer.experts.w2, layer.experts.w3):
+        assert w.grad is not None and torch.count_nonzero(w.grad) == 0
+
+
 def test_accepts_tokens_or_batches():
     layer = MoELayer(MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=2))
     x = torch.randn(2, 5, 8)

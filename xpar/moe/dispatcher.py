@@ -96,16 +96,20 @@ class _Permute(torch.autograd.Function):
     read the padding row, whose gradient is zero since it weighs zero in combine()."""
 
     @staticmethod
-    def forward(ctx, x_TD: Tensor, token_of_row_M: Tensor, row_of_slot_N: Tensor) -> Tensor:
+    def forward(
+        ctx, x_TD: Tensor, token_of_row_M: Tensor, row_of_slot_N: Tensor, top_k: int
+    ) -> Tensor:
         ctx.save_for_backward(row_of_slot_N)
-        ctx.num_tokens = x_TD.shape[0]
+        ctx.num_tokens, ctx.top_k = x_TD.shape[0], top_k
+        if ctx.num_tokens == 0:  # only the padding row, and no token for it to read
+            return x_TD.new_zeros(token_of_row_M.shape[0], x_TD.shape[1])
         return x_TD[token_of_row_M]
 
     @staticmethod
     def backward(ctx, grad_MD: Tensor):
         (row_of_slot_N,) = ctx.saved_tensors
-        grad_TKD = grad_MD[row_of_slot_N].view(ctx.num_tokens, -1, grad_MD.shape[1])
-        return grad_TKD.sum(1), None, None
+        grad_TKD = grad_MD[row_of_slot_N].view(ctx.num_tokens, ctx.top_k, grad_MD.shape[1])
+        return grad_TKD.sum(1), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -117,7 +121,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_MD, topk_w_TK, kept_TK, row_of_slot_N, slot_of_row_M, token_of_row_M):
         num_tokens, top_k = topk_w_TK.shape
-        y_TKD = y_MD[row_of_slot_N].view(num_tokens, top_k, -1)
+        y_TKD = y_MD[row_of_slot_N].view(num_tokens, top_k, y_MD.shape[1])
         w_TK = topk_w_TK.masked_fill(~kept_TK, 0.0)
         ctx.save_for_backward(y_TKD, w_TK, kept_TK, slot_of_row_M, token_of_row_M)
         return torch.bmm(w_TK.unsqueeze(1).to(y_MD.dtype), y_TKD).squeeze(1)
@@ -126,7 +130,9 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad_TD: Tensor):
         y_TKD, w_TK, kept_TK, slot_of_row_M, token_of_row_M = ctx.saved_tensors
         grad_y = grad_w = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_TD.shape[0] == 0:  # no token: padding rows only
+            grad_y = y_TKD.new_zeros(slot_of_row_M.shape[0], grad_TD.shape[1])
+        elif ctx.needs_input_grad[0]:
             w_N = torch.cat([w_TK.flatten(), w_TK.new_zeros(1)])
             grad_y = grad_TD[token_of_row_M] * w_N[slot_of_row_M].unsqueeze(1).to(grad_TD.dtype)
         if ctx.needs_input_grad[1]:
@@ -191,7 +197,7 @@ class LocalDispatcher:
         slot_of_row_M = slot_of_row_M.scatter_(0, dest_N, torch.arange(num_slots, device=dev))
         slot_of_row_M = slot_of_row_M[:num_rows]
         token_of_row_M = (slot_of_row_M // top_k).clamp_(max=num_tokens - 1)
-        x_MD = _Permute.apply(x_TD, token_of_row_M, route.row_of_slot_N)
+        x_MD = _Permute.apply(x_TD, token_of_row_M, route.row_of_slot_N, top_k)
         dropped = (1.0 - route.kept_per_expert_E.sum() / num_slots).detach()
         ctx = DispatchContext(
             route.row_of_slot_N,
