@@ -114,3 +114,19 @@ def test_ep_size_2_in_one_process_is_a_one_line_error(tmp_path):
         "xpar: error: parallel.ep_size=2 does not divide the world size 1 (launch with torchrun "
         "--nproc_per_node N); use an ep_size that divides the number of processes"
     )
+
+
+def test_evaluation_with_uneven_rank_shares_matches_one_process(tmp_path):
+    # 33 validation sequences over 2 ranks in batches of 16 each: the last share of rank 1
+    # is empty, and the loss is still the mean over every validation token.
+    quick = ["trainer.max_steps=2", "trainer.eval_every=2", "data.num_val=33"]
+    one = run_cli([*BASE, *quick, "run_name=one"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun([*BASE, *quick, "parallel.ep_size=2", "run_name=two"], 2, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def val(name):
+        lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["val_loss"] for x in lines if "val_loss" in x][-1]
+
+    assert val("two") == pytest.approx(val("one"), rel=1e-5)

@@ -93,7 +93,7 @@ class Attention(nn.Module):
         o_BHSC = F.scaled_dot_product_attention(
             q_BHSC, k_BGSC, v_BGSC, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        return self.wo(o_BHSC.transpose(1, 2).reshape(B, S, -1))
+        return self.wo(o_BHSC.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
