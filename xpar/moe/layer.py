@@ -57,8 +57,11 @@ class MoELayer(nn.Module):
         aux_loss = load_balance_loss(
             r.probs_mean_E, self.dispatcher.load_counts(r.tokens_per_expert_E)
         )
+        # Rows travel in the experts' compute dtype (bf16 under autocast): half the bytes to
+        # permute and send, and nothing the experts would not round away themselves.
+        x_rows_TD = x_TD.to(self.experts.compute_dtype(x_TD))
         x_MD, rows_per_expert_E, ctx = self.dispatcher.dispatch(
-            x_TD, r.topk_idx_TK, r.topk_w_TK, r.keep_TK
+            x_rows_TD, r.topk_idx_TK, r.topk_w_TK, r.keep_TK
         )
         y_MD = self.experts(x_MD, rows_per_expert_E)
         out_TD = self.dispatcher.combine(y_MD, ctx).to(x.dtype)

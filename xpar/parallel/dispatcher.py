@@ -110,7 +110,8 @@ class AllToAllDispatcher:
         send_splits, recv_splits = counts[:P], counts[P : 2 * P]
         R, Q, M, pairs = sum(send_splits), sum(recv_splits), sum(counts[2 * P : -1]), counts[-1]
         # Source side: the rows, their tokens, and their slots' local experts and weights.
-        n_kept = torch.nonzero(kept_N).squeeze(1)  # data-dependent size; synced above anyway
+        # The kept slots in order; their number is known now, so no second sync (nonzero's).
+        n_kept = torch.sort((~kept_N).to(torch.uint8), stable=True).indices[:pairs]
         r_kept, k_kept = row_N[n_kept], n_kept % K
         token_of_row_R = torch.zeros(R, dtype=torch.long, device=dev)
         token_of_row_R[r_kept] = n_kept // K
