@@ -23,8 +23,8 @@ from xpar.model import MoETransformerLM, get_preset
 from xpar.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    match_optimizer,
     prune_checkpoints,
-    restore,
     save_checkpoint,
 )
 
@@ -39,7 +39,9 @@ def save(root, step, model, opt, sched, extra):
 
 def load(path, model, opt, sched) -> dict:
     ck = load_checkpoint(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    restore(ck, model, opt, sched)
+    model.load_state_dict(ck.model_state)
+    opt.load_state_dict(match_optimizer(ck, opt))
+    sched.load_state_dict(ck.scheduler_state)
     return ck.extra
 
 

@@ -22,7 +22,8 @@ def test_an_epoch_visits_every_full_batch_once_then_reshuffles():
     assert sorted(sum(epoch0, [])) == list(range(40))
     epoch1 = [ids(loader.next_step()) for _ in range(5)]
     assert sorted(sum(epoch1, [])) == list(range(40)) and epoch1 != epoch0
-    assert loader.state_dict() == {"epoch": 2, "step": 0}
+    state = loader.state_dict()
+    assert (state["epoch"], state["step"]) == (2, 0)
 
 
 def test_micro_batches_split_the_rank_share():
@@ -39,6 +40,24 @@ def test_resume_gives_the_same_batches():
     b.load_state_dict(a.state_dict())
     for _ in range(6):
         assert ids(a.next_step()) == ids(b.next_step())
+
+
+@pytest.mark.parametrize(
+    "changed,message",
+    [
+        (dict(global_batch=16), r"saved with data\.batch_size=8, this run has 16"),
+        (dict(n=60), r"number of training sequences=45, this run has 60"),
+        (dict(overfit_batches=2), r"trainer\.overfit_batches or the data=5, this run has 2"),
+    ],
+)
+def test_a_position_from_other_data_or_batch_is_refused(changed, message):
+    saved = SequenceLoader(source(45), global_batch=8, micro_batch=8).state_dict()
+    kw = dict(global_batch=8, micro_batch=8, overfit_batches=0) | changed
+    other = SequenceLoader(source(kw.pop("n", 45)), **kw)
+    with pytest.raises(UserError, match=message):
+        other.load_state_dict(saved)
+    with pytest.raises(UserError, match="position is for stream data"):
+        other.load_state_dict({**saved, "kind": "stream"})
 
 
 def test_ranks_read_disjoint_shares_of_the_same_global_batch():

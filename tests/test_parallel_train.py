@@ -66,8 +66,9 @@ def test_two_level_on_ranks_sends_each_token_once_per_rank(tmp_path):
         assert m["a2a_saving"] == pytest.approx(1 - m["a2a_rows"] / m["a2a_pair_rows"])
 
 
-def test_ep_checkpoints_resume_in_one_process_and_at_ep2(tmp_path):
-    straight = parallel(tmp_path, "ep2", 2, ["parallel.ep_size=2"])
+@pytest.mark.parametrize("nproc", [2, 4], ids=["EP2", "EP2xDP2"])
+def test_ep_checkpoints_resume_in_one_process_and_at_ep2(tmp_path, nproc):
+    straight = parallel(tmp_path, "ep2", nproc, ["parallel.ep_size=2"])
     ckpt = tmp_path / "runs/ep2/checkpoints/step_10"
     resumed = single(tmp_path, "one", [f"trainer.resume={ckpt}"])
     assert sorted(resumed) == list(range(11, 21))
@@ -130,3 +131,64 @@ def test_evaluation_with_uneven_rank_shares_matches_one_process(tmp_path):
         return [json.loads(x)["val_loss"] for x in lines if "val_loss" in x][-1]
 
     assert val("two") == pytest.approx(val("one"), rel=1e-5)
+
+
+def test_a_streamed_corpus_resumes_exactly_on_two_ranks(tmp_path):
+    # Each rank's stream position differs; the checkpoint keeps all of them.
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    lines = [" ".join(words[(i * 7 + j * 3) % 8] for j in range(5 + i % 7)) for i in range(3000)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    data = [
+        "data=local_text",
+        f"data.data_files=[{tmp_path}/corpus.txt]",
+        "data.streaming=true",
+        "data.max_val_sequences=8",
+        "data.shuffle_buffer=16",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "optim.schedule=constant",
+    ]
+    run = [*data, "trainer.device=cpu", "trainer.progress=false", "trainer.log_every=1"]
+    run += ["trainer.eval_every=100", "parallel.ep_size=2"]
+    straight = parallel(tmp_path, "a", 2, [*run, "trainer.max_steps=8"])
+    parallel(tmp_path, "b", 2, [*run, "trainer.max_steps=4"])
+    resumed = parallel(tmp_path, "b", 2, [*run, "trainer.max_steps=8", "trainer.resume=true"])
+    assert sorted(resumed) == list(range(1, 9))  # steps 1-4 kept, 5-8 logged by the resume
+    for step in range(5, 9):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6), step
+    single_args = [*run, "parallel.ep_size=1", "trainer.max_steps=10", "trainer.resume=true"]
+    one = run_cli([*single_args, "run_name=b"], tmp_path)
+    assert one.returncode == 2 and "checkpoint's data position" in one.stderr  # per-rank streams
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from distributed import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    cmd += ["2", "-m", "xpar.train", *BASE, "trainer.max_steps=100000", "parallel.ep_size=2"]
+    proc = subprocess.Popen(
+        [*cmd, "run_name=sig"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    metrics = tmp_path / "runs/sig/metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    (ckpt,) = (tmp_path / "runs/sig/checkpoints").iterdir()
+    assert f"stopped at step {ckpt.name.removeprefix('step_')} (signal SIGTERM)" in out
+    again = parallel(tmp_path, "sig", 2, ["parallel.ep_size=2", "trainer.resume=true"])
+    assert sorted(again) == list(range(1, 21))  # kept up to the stop, then the rest once

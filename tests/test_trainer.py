@@ -197,3 +197,11 @@ def test_overfit_preset_memorises_one_batch(tmp_path):
     result = trainer.fit()
     assert result.losses[1] > 5.0
     assert result.losses[150] < 1.0  # far below the corpus floor (~1.1): memorised, not learned
+
+
+def test_per_rank_state_from_a_larger_world(tmp_path):
+    trainer = make(tmp_path, ["trainer.max_steps=2"])
+    same = {"kind": "sequences", "epoch": 0, "step": 3}
+    assert trainer._own([same, dict(same)], "data position") == same  # a world-free position
+    with pytest.raises(UserError, match="differs between its 2 ranks .* with 2 processes, not 1"):
+        trainer._own([same, {**same, "step": 4}], "data position")

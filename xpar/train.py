@@ -107,6 +107,10 @@ def run(cfg: DictConfig) -> None:
     rank = world_from_env()[1]
     try:
         train_cfg = to_train_config(cfg)
+        if world_from_env()[0] > 1:  # every rank's Hydra wrote .hydra/ first: then overwrite
+            import torch.distributed as dist
+
+            dist.barrier()
         if rank == 0:
             OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
         trainer = Trainer(train_cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 from xpar.checks import UserError
 from xpar.config import HFTextDataConfig
 from xpar.data import DataBundle, Sharding
-from xpar.data.loader import SequenceLoader, TensorSequences, check_token_ids
+from xpar.data.loader import SequenceLoader, TensorSequences, check_same_data, check_token_ids
 
 BUILDERS = frozenset(_PACKAGED_DATASETS_MODULES)  # text, json, csv, parquet, ...
 PACK_BATCH = 1000  # documents packed together (at least L); each batch drops its partial tail
@@ -292,13 +292,17 @@ class StreamLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "kind": "stream",
             "epoch": self.epoch,
             "window": self.index,
             "start": self.start,
             "served": self.served,
+            "per_rank": self.per_rank,
+            "window_size": self.window,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_same_data(state, self.state_dict(), ("per_rank", "window_size"))
         self.epoch, self.index = int(state["epoch"]), int(state["window"])
         self.start, self.served = state["start"], int(state["served"])
         self._stream = self._it = self._window_WL = None

@@ -103,10 +103,42 @@ class SequenceLoader:
         return list(self.source.take(indices).split(self.micro_batch))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step}
+        return {
+            "kind": "sequences",
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_batch": self.global_batch,
+            "sequences": len(self.source),
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position; it only means the same thing over the same data and batch."""
+        check_same_data(state, self.state_dict(), ("global_batch", "sequences", "steps_per_epoch"))
         self.epoch, self.step, self._perm = int(state["epoch"]), int(state["step"]), None
+
+
+def check_same_data(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """A saved data position must come from the same kind of data, batch and size."""
+    names = {
+        "global_batch": "data.batch_size",
+        "sequences": "the number of training sequences",
+        "steps_per_epoch": "trainer.overfit_batches or the data",
+        "per_rank": "data.batch_size / ranks",
+        "window_size": "data.shuffle_buffer",
+    }
+    if saved.get("kind") != now["kind"]:
+        raise UserError(
+            f"the checkpoint's data position is for {saved.get('kind', 'other')} data, this run "
+            f"reads {now['kind']}; resume with the data the run was started with"
+        )
+    for key in keys:
+        if saved.get(key) != now[key]:
+            raise UserError(
+                f"the checkpoint's data position was saved with {names.get(key, key)}="
+                f"{saved.get(key)}, this run has {now[key]}; resume with the same data and "
+                f"data.batch_size, or start a new run from the weights"
+            )
 
 
 def eval_batches(

@@ -19,7 +19,8 @@ from xpar.moe.two_level import TwoLevelRouter
 @dataclass
 class MoEAux:
     """A layer's losses and statistics for one forward pass. Statistics are detached
-    tensors, so reading them as Python numbers is the only thing that waits on the device."""
+    tensors: on one device, reading them as Python numbers is the only thing that waits on
+    it (expert parallelism reads the counts it needs for its all-to-all splits)."""
 
     loss: Tensor  # coefficient-weighted aux + z loss: add it to the training loss
     aux_loss: Tensor

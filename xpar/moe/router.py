@@ -122,7 +122,7 @@ class BaseRouter(nn.Module):
         trainer passes the tally summed over ranks instead (load is a global property).
         """
         load_E = self.pending_load if load_E is None else load_E.to(self.pending_load)
-        if self.cfg.bias_update_rate > 0 and load_E.sum() > 0:
+        if self.cfg.bias_update_rate > 0:  # no load at all: every sign is 0, nothing moves
             self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.pending_load.zero_()
 

@@ -35,10 +35,6 @@ def all_to_all(
     one (or None) keeps the rows where they are."""
     if group is None or dist.get_world_size(group) == 1:
         return x_RD
-    if not x_RD.requires_grad:
-        out = x_RD.new_empty((sum(out_splits), *x_RD.shape[1:]))
-        dist.all_to_all_single(out, x_RD.contiguous(), out_splits, in_splits, group=group)
-        return out
     return _AllToAll.apply(x_RD, out_splits, in_splits, group)
 
 

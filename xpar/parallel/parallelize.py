@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -126,20 +127,29 @@ class ParallelModel:
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:
-        """Aux-loss-free balancing step from the load summed over all ranks."""
-        for layer in self.module.moe_layers():
-            load_E = layer.router.pending_load.clone()
-            if self.mesh.layout.world > 1:
-                dist.all_reduce(load_E)
+        """Aux-loss-free balancing step in every layer that balances that way, from the load
+        summed over all ranks (one all-reduce for all layers)."""
+        layers = [m for m in self.module.moe_layers() if m.cfg.bias_update_rate > 0]
+        if not layers:
+            return
+        load_LE = self.all_reduce_sum(torch.stack([m.router.pending_load for m in layers]))
+        for layer, load_E in zip(layers, load_LE, strict=True):
             layer.router.update_bias(load_E)
 
-    def all_reduce_mean(self, t: Tensor) -> Tensor:
-        """Mean over all ranks (for statistics and losses to report)."""
-        if self.mesh.layout.world == 1:
-            return t
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum over all ranks, as a new tensor (statistics, losses to report)."""
         t = t.clone()
-        dist.all_reduce(t)
-        return t / self.mesh.layout.world
+        if self.mesh.layout.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (small, JSON-able state such as a data position), in rank order."""
+        if self.mesh.layout.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.mesh.layout.world
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def parallelize(model: MoETransformerLM, mesh: Mesh, cfg: ParallelConfig) -> ParallelModel:

@@ -1,9 +1,11 @@
 """Global state dicts of an expert-parallel model: what a checkpoint holds, whatever the EP
 size, so that a single process (or another EP size) can load it.
 
-Expert banks ([E_local, ...] on each rank) are gathered along their first dim over the EP
-group into the [E, ...] bank of the single-device model, and sliced back on load; the same for
-the optimizer's per-parameter tensors of those banks. Everything else is replicated.
+Expert banks ([E_local, ...] on each rank) are gathered along their first dim into the
+[E, ...] bank of the single-device model, and sliced back on load; the same for the optimizer's
+per-parameter tensors of those banks. Everything else is replicated. Saving gathers onto rank 0
+alone, one tensor at a time, from the ranks of the first EP group (the other EP groups hold
+copies of the same experts), and moves each to the CPU at once.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
 
 
 def _gather(t: Tensor, pm: ParallelModel) -> Tensor:
-    if pm.mesh.layout.ep_size == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(pm.mesh.layout.ep_size)]
-    dist.all_gather(parts, t.contiguous(), group=pm.mesh.ep_group)
-    return torch.cat(parts)
+    """The global bank on rank 0 (on the CPU); an empty tensor elsewhere."""
+    layout = pm.mesh.layout
+    if layout.ep_size == 1 or layout.rank >= layout.ep_size:
+        return t.detach().cpu() if layout.rank == 0 else t.new_empty(0)
+    parts = [torch.empty_like(t) for _ in range(layout.ep_size)] if layout.rank == 0 else None
+    dist.gather(t.contiguous(), parts, dst=0, group=pm.mesh.ep_group)
+    return torch.cat(parts).cpu() if parts is not None else t.new_empty(0)
 
 
 def _slice(t: Tensor, pm: ParallelModel) -> Tensor:
@@ -32,7 +36,7 @@ def _slice(t: Tensor, pm: ParallelModel) -> Tensor:
 
 
 def full_model_state(pm: ParallelModel) -> dict[str, Tensor]:
-    """The single-device model's state dict (a collective: every rank must call it)."""
+    """The single-device model's state dict, complete on rank 0 (every rank must call it)."""
     experts = set(expert_parameter_names(pm.module))
     return {k: _gather(v, pm) if k in experts else v for k, v in pm.module.state_dict().items()}
 
@@ -65,7 +69,8 @@ def _per_param(key: str, value: Any) -> bool:
 
 
 def full_optimizer_state(pm: ParallelModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer state dict as the single-device model would have it (a collective)."""
+    """The optimizer state dict as the single-device model would have it, complete on rank 0
+    (every rank must call it)."""
     sd = optimizer.state_dict()
     for i in sorted(_expert_indices(pm, optimizer)):
         state = sd["state"].get(i, {})

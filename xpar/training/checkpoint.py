@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from xpar.checks import UserError
 
@@ -119,18 +119,6 @@ def load_checkpoint(path: Path, model_shapes: dict[str, tuple[int, ...]]) -> Che
         _read_json(path / "scheduler.json"),
         _read_json(path / "trainer.json"),
     )
-
-
-def restore(
-    ck: Checkpoint,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> None:
-    """Load a single-process checkpoint into model, optimizer and scheduler."""
-    model.load_state_dict(ck.model_state, strict=True)
-    optimizer.load_state_dict(match_optimizer(ck, optimizer))
-    scheduler.load_state_dict(ck.scheduler_state)
 
 
 def match_optimizer(ck: Checkpoint, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from xpar.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices (and expert banks) decay; vectors (norm weights, balancing biases) do not."""
+    """Matrices (and expert banks) decay; vectors (norm weights) do not."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:

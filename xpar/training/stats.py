@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from xpar.model import LMOutput
 from xpar.parallel.parallelize import ParallelModel
@@ -55,25 +56,31 @@ class Tally:
                     self.a2a[1] += a.a2a.pair_rows
                     self.a2a[2] += a.a2a.bytes
 
-    def reduce(self, pm: ParallelModel, stop: bool = False) -> StepStats:
+    def reduce(
+        self, pm: ParallelModel, stop: bool = False, grad_norm: Tensor | None = None
+    ) -> tuple[StepStats, float]:
+        """The step's statistics summed over ranks (one all-reduce) and read to the host in one
+        copy, together with `grad_norm` (already global) when given."""
         extra = torch.tensor(
             [self.weight, float(stop), *self.a2a], dtype=torch.float64, device=self.device
         )
-        packed = torch.cat([self.sums, extra, self.counts_LE.flatten()])
-        packed = pm.all_reduce_mean(packed) * pm.mesh.layout.world  # sums over ranks
-        sums, weight, stop_votes = packed[:3], packed[3], packed[4]
-        a2a = packed[5:8].tolist()
-        counts_LE = packed[8:].view_as(self.counts_LE)
+        packed = pm.all_reduce_sum(torch.cat([self.sums, extra, self.counts_LE.flatten()]))
+        norm = torch.zeros(1) if grad_norm is None else grad_norm.double().reshape(1)
+        values = torch.cat([packed, norm.to(packed.device)]).cpu()
+        sums, weight, stop_votes = values[:3], values[3], values[4]
+        counts_LE = values[8:-1].view(self.counts_LE.shape)
         load_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1)
         mean = (sums / weight.clamp_min(1e-12)).tolist()
-        return StepStats(
+        a2a = values[5:8].tolist()
+        stats = StepStats(
             loss=mean[0],
             aux_loss=mean[1],
             dropped_fraction=mean[2],
-            load_LE=load_LE.cpu().numpy(),
+            load_LE=load_LE.numpy(),
             a2a=_a2a_metrics(a2a) if a2a[1] else {},
             stop=bool(stop_votes > 0),
         )
+        return stats, float(values[-1])
 
 
 def _a2a_metrics(a2a: list[float]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -113,7 +114,8 @@ class Trainer:
         self.pm = parallelize(self.model, self.mesh, cfg.parallel)
         micro, self.accum_steps = cfg.data.accumulation(dp_world=self.world)
         shard = Sharding(micro, self.rank, self.world, tc.seed, tc.overfit_batches)
-        self.data = build_data(cfg.data, self.model_cfg.vocab_size, shard)
+        with self._rank_zero_first():  # rank 0 fills the datasets cache, the others reuse it
+            self.data = build_data(cfg.data, self.model_cfg.vocab_size, shard)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
         self.step = self.bad_steps = self.bad_streak = 0
@@ -133,19 +135,47 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
+    @contextmanager
+    def _rank_zero_first(self):
+        if self.world > 1 and self.rank != 0:
+            dist.barrier()
+        yield
+        if self.world > 1 and self.rank == 0:
+            dist.barrier()
+
     def _load(self, path: Path) -> None:
         extra = load_state(path, self.pm, self.optimizer, self.scheduler)
         self.step, self.bad_steps = int(extra["step"]), int(extra["bad_steps"])
         self.bad_streak = int(extra["bad_streak"])
-        self.data.train.load_state_dict(extra["data"])
+        self.data.train.load_state_dict(self._own(extra["data"], "data position"))
+        if self.device.type == "cuda" and len(extra["cuda_rng"]) == self.world:
+            rng = torch.tensor(extra["cuda_rng"][self.rank], dtype=torch.uint8)
+            torch.cuda.set_rng_state(rng, self.device)
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _own(self, per_rank: list, what: str):
+        """This rank's entry of a per-rank list saved by a run of any size: its own when the
+        world is the same, else the common one (a sequence loader's position is the same on
+        every rank and does not depend on the world size)."""
+        if len(per_rank) == self.world:
+            return per_rank[self.rank]
+        if all(entry == per_rank[0] for entry in per_rank):
+            return per_rank[0]
+        raise UserError(
+            f"the checkpoint's {what} differs between its {len(per_rank)} ranks (a stream); "
+            f"resume it with {len(per_rank)} processes, not {self.world}"
+        )
+
     def save(self) -> Path:
+        cuda_rng = []
+        if self.device.type == "cuda":
+            cuda_rng = torch.cuda.get_rng_state(self.device).tolist()
         extra = {
             "step": self.step,
             "bad_steps": self.bad_steps,
             "bad_streak": self.bad_streak,
-            "data": self.data.train.state_dict(),
+            "data": self.pm.gather_objects(self.data.train.state_dict()),
+            "cuda_rng": self.pm.gather_objects(cuda_rng) if cuda_rng else [],
         }
         keep = self.cfg.trainer.keep_checkpoints
         args = (self.pm, self.optimizer, self.scheduler, extra, keep)
@@ -178,8 +208,8 @@ class Trainer:
                 ((out.loss + out.aux_loss) / n).backward()
             tally.add(out, 1.0 / n)
         self.pm.reduce_expert_grads()
-        grad_norm = float(self.pm.clip_grad_norm_(self.cfg.optim.grad_clip or math.inf))
-        stats = tally.reduce(self.pm, stop=self._stop_signal is not None)
+        norm = self.pm.clip_grad_norm_(self.cfg.optim.grad_clip or math.inf)
+        stats, grad_norm = tally.reduce(self.pm, self._stop_signal is not None, norm)
         skipped = not all(math.isfinite(v) for v in (stats.loss, stats.aux_loss, grad_norm))
         if skipped:
             self.model.discard_expert_load()
@@ -204,7 +234,7 @@ class Trainer:
         for tokens_BL in batches:
             tally.add(self._forward(tokens_BL, self.model), weight=tokens_BL[:, 1:].numel())
         self.model.train()
-        stats = tally.reduce(self.pm)
+        stats, _ = tally.reduce(self.pm)
         return stats.loss, stats.load_LE
 
     def _eval_and_log(self) -> float:
