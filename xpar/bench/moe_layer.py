@@ -263,10 +263,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU")
     p.add_argument("--json", default=None, help="also write one JSON line per row here")
     p.add_argument(
-        "--a2a-steps", type=int, default=300, help="training steps of the all-to-all estimate's "
-        "tiny models (0 skips the estimate)"
+        "--a2a-steps", type=int, default=None, help="training steps of the all-to-all estimate's "
+        "tiny models (default 300 on a GPU, 60 on the CPU; 0 skips the estimate)"
     )  # fmt: skip
     args = p.parse_args(argv)
+    if args.a2a_steps is None:
+        args.a2a_steps = 300 if torch.cuda.is_available() else 60
     if args.iters < 1 or args.warmup < 0 or args.a2a_steps < 0:
         p.error(
             f"--iters={args.iters} must be >= 1, --warmup={args.warmup} >= 0 and "
