@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from xpar.checks import UserError
 from xpar.config import register_configs, to_train_config
-from xpar.parallel.mesh import world_from_env
+from xpar.parallel.mesh import check_layout, join_process_group, world_from_env
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("xpar.train")
@@ -64,9 +65,6 @@ def prepare_distributed(composed: DictConfig | None, overrides: list[str]) -> No
     """Under torchrun, before Hydra starts the job: check the layout on every rank (no
     collective yet, so a bad one fails everywhere without a hang), join the process group,
     and give every rank rank 0's run name (each rank would resolve ${now:...} itself)."""
-    import torch.distributed as dist
-
-    from xpar.parallel.mesh import check_layout, join_process_group
     from xpar.training.trainer import pick_device
 
     if composed is None:
@@ -108,8 +106,6 @@ def run(cfg: DictConfig) -> None:
     try:
         train_cfg = to_train_config(cfg)
         if world_from_env()[0] > 1:  # every rank's Hydra wrote .hydra/ first: then overwrite
-            import torch.distributed as dist
-
             dist.barrier()
         if rank == 0:
             OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
@@ -140,8 +136,6 @@ def main() -> None:
     if world_from_env()[0] > 1:
         prepare_distributed(composed, sys.argv[1:])
     _hydra_main()
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -160,7 +160,7 @@ def parallelize(model: MoETransformerLM, mesh: Mesh, cfg: ParallelConfig) -> Par
     layout = mesh.layout
     for layer in model.moe_layers():
         dedup = layer.cfg.router == "two_level" if cfg.dedup is None else cfg.dedup
-        if layout.world > 1 or layout.ep_size > 1:
+        if layout.world > 1:  # (ep_size divides the world: a world of one has no EP)
             shard_experts(layer, layout)
             layer.dispatcher = AllToAllDispatcher(
                 layer.cfg,
