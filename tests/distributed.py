@@ -85,3 +85,14 @@ def torchrun(
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError(f"torchrun {args} hung for {timeout} s") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def one_line_on_every_rank(proc, nproc: int, pattern: str) -> None:
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("xpar: error: ")]
+    assert sorted(x.split("]")[0] for x in lines) == [
+        f"xpar: error: [rank {r}" for r in range(nproc)
+    ], proc.stderr[-3000:]
+    assert all(pattern in x for x in lines), lines
+    # The one traceback is torchrun's own report that its workers failed.
+    assert proc.stderr.count("Traceback") <= 1 and "ChildFailedError" in proc.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed import torchrun
+from distributed import one_line_on_every_rank, torchrun
 from jobs import run_cli
 
 pytestmark = pytest.mark.distributed
@@ -77,17 +77,6 @@ def test_ep_checkpoints_resume_in_one_process_and_at_ep2(tmp_path, nproc):
     again = parallel(tmp_path, "again", 2, ["parallel.ep_size=2", f"trainer.resume={ckpt}"])
     for step in again:
         assert again[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6)
-
-
-def one_line_on_every_rank(proc, nproc: int, pattern: str) -> None:
-    assert proc.returncode != 0
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("xpar: error: ")]
-    assert sorted(x.split("]")[0] for x in lines) == [
-        f"xpar: error: [rank {r}" for r in range(nproc)
-    ], proc.stderr[-3000:]
-    assert all(pattern in x for x in lines), lines
-    # The one traceback is torchrun's own report that its workers failed.
-    assert proc.stderr.count("Traceback") <= 1 and "ChildFailedError" in proc.stderr
 
 
 @pytest.mark.parametrize(

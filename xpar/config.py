@@ -147,7 +147,7 @@ class OptimConfig:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -161,7 +161,8 @@ class TrainerConfig:
     seed: int = 0
     resume: Any = False  # false | true (newest complete checkpoint in the run dir) | PATH
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    # auto: bf16 on CUDA, fp32 on the CPU; fp16 (loss-scaled) needs deepspeed=zero1|zero2
+    precision: str = "auto"
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     keep_checkpoints: int = 3  # newest N kept; 0 keeps all
     eval_batches: int | None = None  # None: the whole validation split
@@ -207,14 +208,43 @@ class ParallelConfig:
         at_least("parallel.timeout_s", self.timeout_s, 1)
 
 
+ZERO_STAGES = (0, 1, 2, 3)
+
+
 @dataclass
 class DeepSpeedConfig:
-    """DeepSpeed ZeRO. Stage 0 is plain PyTorch (the only stage this trainer runs yet)."""
+    """DeepSpeed ZeRO (`deepspeed=none|zero1|zero2`). Stage 0 is xpar's own loop (DDP, plain
+    AdamW, replicated optimizer state); stages 1 and 2 train through `deepspeed.initialize`,
+    partitioning optimizer state (1) and gradients too (2) over each parameter's data-parallel
+    group. Stage 3 is refused: DeepSpeed's ZeRO-3 does not take expert-parallel layers."""
 
     stage: int = 0
+    overlap_comm: bool = False  # overlap gradient reduction with the backward pass
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000  # elements
+    allgather_bucket_size: int = 500_000_000  # elements
+    # fp16 (trainer.precision=fp16): dynamic loss scaling from 2**initial_scale_power.
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        one_of("deepspeed.stage", self.stage, (0,))
+        one_of("deepspeed.stage", self.stage, ZERO_STAGES)
+        if self.stage == 3:
+            raise UserError(
+                "deepspeed=zero3 is not supported: DeepSpeed's ZeRO-3 refuses expert-parallel "
+                "MoE layers; use deepspeed=zero2 (gradients and optimizer state partitioned)"
+            )
+        for name in ("reduce_bucket_size", "allgather_bucket_size", "loss_scale_window"):
+            at_least(f"deepspeed.{name}", getattr(self, name), 1)
+        at_least("deepspeed.initial_scale_power", self.initial_scale_power, 0)
+        at_least("deepspeed.hysteresis", self.hysteresis, 1)
+        at_least("deepspeed.min_loss_scale", self.min_loss_scale, 0.0, strict=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.stage > 0
 
 
 LOGGERS = ("none", "wandb")
@@ -284,6 +314,11 @@ class TrainConfig:
         if self.data.seq_len > model.max_seq_len:
             raise UserError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
+            )
+        if self.trainer.precision == "fp16" and not self.deepspeed.enabled:
+            raise UserError(
+                "trainer.precision=fp16 needs loss scaling: use it with deepspeed=zero1|zero2, "
+                "or pick trainer.precision=bf16|fp32"
             )
         vocab = getattr(self.data, "vocab_size", None)
         if vocab is not None and vocab > model.vocab_size:

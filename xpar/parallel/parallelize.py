@@ -69,16 +69,17 @@ def shard_experts(layer: MoELayer, layout: Layout) -> None:
 class ParallelModel:
     """A MoETransformerLM under the job's process layout. Call it like the model; after the
     last backward of an optimizer step call reduce_expert_grads(), then clip_grad_norm_().
-    In a world of one every collective here is skipped."""
+    In a world of one every collective here is skipped. With `ddp=False` (DeepSpeed reduces
+    the gradients) the module is called as it is."""
 
-    def __init__(self, module: MoETransformerLM, mesh: Mesh) -> None:
+    def __init__(self, module: MoETransformerLM, mesh: Mesh, ddp: bool = True) -> None:
         self.module, self.mesh = module, mesh
         expert_names = set(expert_parameter_names(module))
         named = list(module.named_parameters())
         self.expert_params = [p for n, p in named if n in expert_names]
         self.dense_params = [p for n, p in named if n not in expert_names]
         self.ddp: DDP | None = None
-        if mesh.layout.world > 1:
+        if ddp and mesh.layout.world > 1:
             DDP._set_params_and_buffers_to_ignore_for_model(module, sorted(expert_names))
             device_ids = [mesh.device] if mesh.device.type == "cuda" else None
             # Buffers stay per rank: balancing biases are kept equal by update_expert_bias, and
@@ -152,11 +153,14 @@ class ParallelModel:
         return out
 
 
-def parallelize(model: MoETransformerLM, mesh: Mesh, cfg: ParallelConfig) -> ParallelModel:
+def parallelize(
+    model: MoETransformerLM, mesh: Mesh, cfg: ParallelConfig, ddp: bool = True
+) -> ParallelModel:
     """Apply expert and data parallelism to `model` (see the module docstring). A model built
     on the meta device is materialised on the mesh's device and initialised afterwards
     (init_weights draws every expert's weights from its global id, so EP size changes
-    nothing); a materialised one keeps its weights, each rank taking its experts' slice."""
+    nothing); a materialised one keeps its weights, each rank taking its experts' slice.
+    `ddp=False` leaves gradient reduction to the caller (DeepSpeed)."""
     layout = mesh.layout
     for layer in model.moe_layers():
         dedup = layer.cfg.router == "two_level" if cfg.dedup is None else cfg.dedup
@@ -172,4 +176,4 @@ def parallelize(model: MoETransformerLM, mesh: Mesh, cfg: ParallelConfig) -> Par
     if model.embed.weight.is_meta:
         model.to_empty(device=mesh.device)
         model.init_weights()
-    return ParallelModel(model, mesh)
+    return ParallelModel(model, mesh, ddp=ddp)

@@ -102,22 +102,23 @@ class Checkpoint:
     extra: dict[str, Any]
 
 
-def load_checkpoint(path: Path, model_shapes: dict[str, tuple[int, ...]]) -> Checkpoint:
+def load_checkpoint(path: Path, model_shapes: dict[str, tuple[int, ...]] | None) -> Checkpoint:
     """Verify the checkpoint at `path` (every file's size and sha256, and its model tensors
-    against `model_shapes`, the global shapes the model expects), restore this process's RNG
-    states, and return the rest. Reads only; never writes."""
+    against `model_shapes`, the global shapes the model expects, unless None), restore this
+    process's RNG states, and return the rest. Reads only; never writes."""
     path = Path(path)
     _verify(path)
     model_state = load_file(path / "model.safetensors")
-    _check_model_keys(path, model_shapes, model_state)
+    if model_shapes is not None:
+        _check_model_keys(path, model_shapes, model_state)
     optimizer_state = _read_optimizer_state(path)
-    _set_rng_state(load_file(path / "rng.safetensors"), _read_json(path / "rng.json"))
+    _set_rng_state(load_file(path / "rng.safetensors"), read_json(path / "rng.json"))
     return Checkpoint(
         path,
         model_state,
         optimizer_state,
-        _read_json(path / "scheduler.json"),
-        _read_json(path / "trainer.json"),
+        read_json(path / "scheduler.json"),
+        read_json(path / "trainer.json"),
     )
 
 
@@ -234,7 +235,7 @@ def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[
 
 
 def _read_optimizer_state(path: Path) -> dict[str, Any]:
-    rest = _read_json(path / "optimizer.json")
+    rest = read_json(path / "optimizer.json")
     state: dict[int, dict[str, Any]] = {int(i): s for i, s in rest["state"].items()}
     for key, t in load_file(path / "optimizer.safetensors").items():
         idx, name = key.split(".", 1)
@@ -295,7 +296,7 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
     return meta if ok else None
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
@@ -307,8 +308,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _verify(path: Path) -> None:
-    """Raise UserError unless meta.json is readable and every file it lists matches it."""
+def _verify(path: Path, required: tuple[str, ...] = _FILES, hash_: bool = True) -> None:
+    """Raise UserError unless meta.json is readable, lists the `required` files, and (when
+    `hash_`) every file it lists matches it."""
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist (or is not a directory)")
     if not (path / "meta.json").is_file():
@@ -322,17 +324,23 @@ def _verify(path: Path) -> None:
             f"checkpoint {path} has format_version={meta.get('format_version')!r}; this xpar "
             f"reads {FORMAT_VERSION}"
         )
-    for name in _FILES:
+    for name in required:
         if name not in meta["files"]:
             raise UserError(f"{bad}: meta.json lists no {name}")
-    for name, info in meta["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise UserError(f"{bad}: {name} is missing")
-        if f.stat().st_size != info["bytes"]:
-            raise UserError(f"{bad}: {name} has {f.stat().st_size} bytes, expected {info['bytes']}")
-        if _sha256(f) != info["sha256"]:
-            raise UserError(f"{bad}: {name} sha256 mismatch")
+    for name, info in meta["files"].items() if hash_ else ():
+        _check_file(path, name, info)
+
+
+def _check_file(path: Path, name: str, info: dict[str, Any]) -> None:
+    """One listed file against its size and sha256 in meta.json."""
+    bad = f"checkpoint {path} is incomplete or corrupt"
+    f = path / name
+    if not f.is_file():
+        raise UserError(f"{bad}: {name} is missing")
+    if f.stat().st_size != info["bytes"]:
+        raise UserError(f"{bad}: {name} has {f.stat().st_size} bytes, expected {info['bytes']}")
+    if _sha256(f) != info["sha256"]:
+        raise UserError(f"{bad}: {name} sha256 mismatch")
 
 
 def _short(items: list[str], limit: int = 8) -> str:

@@ -1,7 +1,8 @@
 """Which checkpoint a run resumes from, and the trainer's state in and out of checkpoints.
 
-Checkpoints hold the global model (every rank's experts, gathered), so a run of any EP size,
-or a single process, can load them. Every rank reads; rank 0 alone writes.
+Without DeepSpeed, checkpoints hold the global model (every rank's experts, gathered), so a run
+of any EP size, or a single process, can load them; every rank reads, rank 0 alone writes.
+Under DeepSpeed every rank writes its own partition (see xpar.training.zero_checkpoint).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from xpar.parallel.state import (
     load_full_optimizer_state,
 )
 from xpar.training import checkpoint as ckpt
+from xpar.training import zero_checkpoint as zc
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +60,51 @@ def load_state(
     pm: ParallelModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG from `path`; return the trainer's extra
-    state. A bad checkpoint is reported with the next older one to try."""
+    state. Any checkpoint loads into any run: a DeepSpeed one on its own world and EP size
+    through DeepSpeed, anything else through the global (single-process) state, re-sharded.
+    A bad checkpoint is reported with the next older one to try."""
     try:
-        ck = ckpt.load_checkpoint(path, full_model_shapes(pm))
-        load_full_model_state(pm, ck.model_state)
-        load_full_optimizer_state(pm, optimizer, ckpt.match_optimizer(ck, optimizer))
+        if zc.is_zero_checkpoint(path):
+            desc = zc.verify(path, pm)
+            zc.check_model(path, desc, pm)
+            zc.restore_rng(path, desc, pm.mesh.layout.rank)
+            if engine is not None and zc.same_layout(desc, pm):
+                zc.load_same_layout(path, pm, engine)
+                load_scheduler(scheduler, ckpt.read_json(path / "scheduler.json"))
+                return ckpt.read_json(path / "trainer.json")
+            ck = zc.read_as_plain(path)
+            log.info(
+                "re-sharding %s (saved on %d ranks, EP %d)", path, desc["world"], desc["ep_size"]
+            )
+        else:
+            ck = ckpt.load_checkpoint(path, full_model_shapes(pm))
+        if engine is not None:
+            zc.load_plain_into_engine(ck, pm, engine)
+        else:
+            load_full_model_state(pm, ck.model_state)
+            load_full_optimizer_state(pm, optimizer, ckpt.match_optimizer(ck, optimizer))
     except UserError as e:
         older = [p for p in ckpt.complete_checkpoints(path.parent) if p != path]
         hint = f"; to resume from an earlier one pass trainer.resume={older[-1]}" if older else ""
         raise UserError(f"{e}{hint}") from e
-    scheduler.load_state_dict(ck.scheduler_state)
+    load_scheduler(scheduler, ck.scheduler_state)
     return ck.extra
+
+
+def load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any]) -> None:
+    """Load a LambdaLR state saved with any number of parameter groups (DeepSpeed runs have an
+    expert group more): every group follows the same schedule from the same base lr."""
+    n = len(scheduler.optimizer.param_groups)
+    for key in ("base_lrs", "_last_lr"):
+        values = state.get(key)
+        if isinstance(values, list) and len(values) != n:
+            if len(set(values)) != 1:
+                raise UserError(f"the checkpoint's schedule has per-group {key} {values}")
+            state[key] = values[:1] * n
+    scheduler.load_state_dict(state)
 
 
 def save_state(
@@ -81,9 +115,13 @@ def save_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     extra: dict[str, Any],
     keep: int,
+    engine: Any = None,
 ) -> Path:
-    """Gather the global state (every rank takes part), write it from rank 0, prune to the
-    newest `keep`, and wait until it is on disk everywhere."""
+    """Save a checkpoint (every rank takes part) and prune to the newest `keep`. Under
+    DeepSpeed every rank writes its own partition; otherwise the global state is gathered and
+    rank 0 writes it. Returns once it is on disk everywhere."""
+    if engine is not None:
+        return zc.save_zero(root, step, pm, engine, scheduler.state_dict(), extra, keep)
     model_state = full_model_state(pm)
     optimizer_state = full_optimizer_state(pm, optimizer)
     path = root / f"step_{step}"

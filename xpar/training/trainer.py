@@ -52,6 +52,7 @@ class StepResult(StepStats):
 
     grad_norm: float = math.nan
     skipped: bool = False
+    overflow: bool = False  # fp16: skipped because the loss scale overflowed (not a bad step)
 
 
 @dataclass
@@ -104,19 +105,29 @@ class Trainer:
         self.mesh = mesh or init_mesh(cfg.parallel, cfg.moe, pick_device(tc.device))
         self.device, layout = self.mesh.device, self.mesh.layout
         self.rank, self.world = layout.rank, layout.world
-        use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        precision = tc.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         resume_from = resume_path(tc.resume, self.ckpt_root)
         seed_everything(tc.seed)
         self.model_cfg = cfg.model_config()
         with torch.device("meta"):
             self.model = MoETransformerLM(self.model_cfg)
-        self.pm = parallelize(self.model, self.mesh, cfg.parallel)
+        zero = cfg.deepspeed.enabled
+        self.pm = parallelize(self.model, self.mesh, cfg.parallel, ddp=not zero)
         micro, self.accum_steps = cfg.data.accumulation(dp_world=self.world)
         shard = Sharding(micro, self.rank, self.world, tc.seed, tc.overfit_batches)
         with self._rank_zero_first():  # rank 0 fills the datasets cache, the others reuse it
             self.data = build_data(cfg.data, self.model_cfg.vocab_size, shard)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.engine = None
+        if zero:
+            from xpar.parallel.zero import initialize  # DeepSpeed loads only when asked for
+
+            self.engine = initialize(self.pm, cfg, micro, self.accum_steps)
+            self.optimizer = self.engine.basic_optimizer
+        else:
+            self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
         self.step = self.bad_steps = self.bad_streak = 0
         if resume_from is not None:
@@ -144,7 +155,7 @@ class Trainer:
             dist.barrier()
 
     def _load(self, path: Path) -> None:
-        extra = load_state(path, self.pm, self.optimizer, self.scheduler)
+        extra = load_state(path, self.pm, self.optimizer, self.scheduler, self.engine)
         self.step, self.bad_steps = int(extra["step"]), int(extra["bad_steps"])
         self.bad_streak = int(extra["bad_streak"])
         self.data.train.load_state_dict(self._own(extra["data"], "data position"))
@@ -178,7 +189,7 @@ class Trainer:
             "cuda_rng": self.pm.gather_objects(cuda_rng) if cuda_rng else [],
         }
         keep = self.cfg.trainer.keep_checkpoints
-        args = (self.pm, self.optimizer, self.scheduler, extra, keep)
+        args = (self.pm, self.optimizer, self.scheduler, extra, keep, self.engine)
         return save_state(self.ckpt_root, self.step, *args)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -200,6 +211,8 @@ class Trainer:
         unless anything is non-finite on any rank, in which case the weights, optimizer state
         and balancing biases stay as they were."""
         self.model.train()
+        if self.engine is not None:
+            return self._zero_step(micro_batches)
         n = len(micro_batches)
         tally = self._tally()
         for i, tokens_BL in enumerate(micro_batches):
@@ -219,6 +232,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return StepResult(**vars(stats), grad_norm=grad_norm, skipped=skipped)
+
+    def _zero_step(self, micro_batches: list[Tensor]) -> StepResult:
+        """train_step through DeepSpeed: it reduces the gradients at the last micro-step, then
+        clips and steps, or skips a step whose gradients are not finite on some rank (under
+        fp16 also when the loss scale overflowed, which only lowers the scale)."""
+        engine, n = self.engine, len(micro_batches)
+        tally = self._tally()
+        for tokens_BL in micro_batches:
+            out = self._forward(tokens_BL, engine)
+            engine.backward((out.loss + out.aux_loss) / n, scale_wrt_gas=False)
+            engine.step()
+            tally.add(out, 1.0 / n)
+        norm = engine.get_global_grad_norm()
+        norm = torch.tensor(math.nan if norm is None else float(norm))
+        stats, grad_norm = tally.reduce(self.pm, self._stop_signal is not None, norm)
+        skipped = not engine.was_step_applied()
+        if skipped:
+            self.model.discard_expert_load()
+        else:
+            self.pm.update_expert_bias()
+        self.scheduler.step()
+        finite = math.isfinite(stats.loss) and math.isfinite(stats.aux_loss)
+        overflow = skipped and finite and self.autocast_dtype == torch.float16
+        return StepResult(
+            **vars(stats), grad_norm=grad_norm, skipped=skipped and not overflow, overflow=overflow
+        )
 
     # ---- evaluation --------------------------------------------------------------------------
 
@@ -356,6 +395,9 @@ class Trainer:
             )
 
     def _count_bad(self, r: StepResult) -> None:
+        if r.overflow:
+            scale = self.engine.optimizer.loss_scale
+            log.info("step %d skipped: fp16 loss scale overflow (scale now %g)", self.step, scale)
         if not r.skipped:
             self.bad_streak = 0
             return
