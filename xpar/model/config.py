@@ -112,6 +112,23 @@ def tiny() -> ModelConfig:
     )
 
 
+def moe_300m() -> ModelConfig:
+    """A ~330M-total-parameter (~100M active) MoE LM for single-GPU runs and benchmarks:
+    12 layers, 8 experts, top-2, a 32k vocabulary."""
+    moe = MoEConfig(d_model=768, d_ff=1152, num_experts=8, top_k=2)
+    return ModelConfig(
+        vocab_size=32768,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        d_ff=3072,
+        max_seq_len=2048,
+        tie_embeddings=False,
+        moe=moe,
+    )
+
+
 def mixtral_8x7b() -> ModelConfig:
     """Mixtral-8x7B (46.7B total, 12.9B active). Sliding-window attention is not modelled."""
     moe = MoEConfig(
@@ -238,6 +255,7 @@ def deepseek_v2_lite() -> ModelConfig:
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
+    "moe_300m": moe_300m,
     "mixtral_8x7b": mixtral_8x7b,
     "olmoe_1b_7b": olmoe_1b_7b,
     "deepseek_v3": deepseek_v3,

@@ -16,6 +16,7 @@ as xpar's own loop does (see xpar.parallel.parallelize).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import deepspeed
@@ -163,8 +164,12 @@ def initialize(pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int):
     moe = cfg.model_config().moe
     if moe is None:
         raise UserError(f"deepspeed=zero{cfg.deepspeed.stage} needs an MoE model (moe is null)")
-    if not dist.is_initialized():
-        raise RuntimeError("initialize the process group (init_mesh) before DeepSpeed")
+    if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
+        backend = "nccl" if pm.mesh.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        for key in ("RANK", "LOCAL_RANK"):  # DeepSpeed reads them
+            os.environ.setdefault(key, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
     mark_experts(module, layout.ep_size)
     module.add_module("ds_expert_groups", ExpertGroups(moe.num_experts, layout.ep_size))
     config = deepspeed_config(cfg, micro, accum, layout.world)

@@ -105,6 +105,9 @@ def load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[
                 raise UserError(f"the checkpoint's schedule has per-group {key} {values}")
             state[key] = values[:1] * n
     scheduler.load_state_dict(state)
+    # The groups' current lr too: a re-sharded optimizer state does not carry it.
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
 
 
 def save_state(

@@ -1,0 +1,107 @@
+"""Training throughput with and without DeepSpeed ZeRO-2, in one process.
+
+    python -m xpar.bench.zero                      # GPU: model=moe_300m, bf16, 50 steps each
+    python -m xpar.bench.zero --cpu                # CPU stand-in: model=tiny, fp32, 10 steps
+
+Each row trains the same model on the synthetic corpus through xpar's trainer for a few warm-up
+steps and then the timed steps, and reports tokens/s, MFU (on a GPU of known peak), peak GPU
+memory and the last loss. Both rows run in this process, one after the other, so their ratio
+is a same-run comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from xpar.config import register_configs, to_train_config
+from xpar.model import flops_per_token
+from xpar.train import CONF_DIR
+
+ROWS = {"deepspeed=none": ["deepspeed=none"], "deepspeed=zero2": ["deepspeed=zero2"]}
+
+
+def job(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_train_config(compose("config", overrides=overrides))
+
+
+def measure(overrides: list[str], steps: int, warmup: int) -> dict:
+    from xpar.training.trainer import Trainer
+
+    cfg = job(overrides)
+    cuda = torch.cuda.is_available() and cfg.trainer.device != "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp), {})
+        for _ in range(warmup):
+            trainer.train_step(trainer.data.train.next_step())
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(steps):
+            result = trainer.train_step(trainer.data.train.next_step())
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        tokens_per_s = steps * cfg.data.batch_size * cfg.data.seq_len / seconds
+        model_cfg = cfg.model_config()
+        row = {
+            "tokens_per_s": tokens_per_s,
+            "loss": result.loss,
+            "params_M": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
+            "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "mfu": None,
+        }
+        if trainer.peak is not None:
+            flops = tokens_per_s * flops_per_token(model_cfg, cfg.data.seq_len)
+            row["mfu"] = flops / (trainer.peak * 1e12)
+        del trainer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="tiny model on the CPU")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.cpu:
+        base = ["trainer.device=cpu", "trainer.precision=fp32", "data.num_train=512"]
+        base += ["data.num_val=64", "data.batch_size=8"]
+        steps = args.steps or 10
+    else:
+        base = ["model=moe_300m", "trainer.device=cuda", "trainer.precision=bf16"]
+        base += ["data.seq_len=1024", "data.batch_size=16", "data.micro_batch_size=8"]
+        base += ["data.num_train=4096", "data.num_val=64"]
+        steps = args.steps or 50
+    base += ["trainer.progress=false", f"trainer.max_steps={steps + args.warmup}", "run_name=b"]
+    device = "CPU" if args.cpu else torch.cuda.get_device_name()
+    rows = {name: measure([*base, *extra], steps, args.warmup) for name, extra in ROWS.items()}
+    ref = rows["deepspeed=none"]["tokens_per_s"]
+    print(f"\n{device}; {' '.join(base)}; {steps} timed steps")
+    print(f"{'row':<18}{'tokens/s':>12}{'vs none':>9}{'MFU':>8}{'peak GiB':>10}{'loss':>9}")
+    for name, r in rows.items():
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        mem = "-" if r["peak_mem_GiB"] is None else f"{r['peak_mem_GiB']:.2f}"
+        ratio = r["tokens_per_s"] / ref
+        line = f"{name:<18}{r['tokens_per_s']:>12.0f}{ratio:>9.2f}{mfu:>8}{mem:>10}"
+        print(f"{line}{r['loss']:>9.4f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
