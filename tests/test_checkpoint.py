@@ -158,7 +158,7 @@ def test_no_pickle(saved):
 def test_crash_mid_save_keeps_previous(saved, monkeypatch):
     root, first = saved
     model, opt, sched = make_run(seed=3)
-    real = ckpt._write_file
+    real = ckpt.write_file
     calls = []
 
     def failing(path, data):
@@ -206,7 +206,7 @@ sys.path.insert(0, {tests!r})
 import xpar.training.checkpoint as ckpt
 from test_checkpoint import make_run, train
 
-real, calls = ckpt._write_file, []
+real, calls = ckpt.write_file, []
 
 def killing(path, data):
     calls.append(path.name)
@@ -215,7 +215,7 @@ def killing(path, data):
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, data)
 
-ckpt._write_file = killing
+ckpt.write_file = killing
 model, opt, sched = make_run(seed=0)
 states = lambda: (model.state_dict(), opt.state_dict(), sched.state_dict())
 root = Path({root!r})

@@ -99,7 +99,9 @@ BAD = [
     (["trainer.max_steps=0"], r"trainer\.max_steps=0 must be >= 1"),
     (["data.vocab_size=300"], r"data\.vocab_size=300 exceeds model\.vocab_size=256"),
     (["logger.mode=cloud"], r"logger\.mode='cloud' is not one of"),
-    (["deepspeed.stage=2"], r"deepspeed\.stage=2 is not one of \[0\]"),
+    (["deepspeed.stage=4"], r"deepspeed\.stage=4 is not one of \[0, 1, 2, 3\]"),
+    (["deepspeed.reduce_bucket_size=0"], r"deepspeed\.reduce_bucket_size=0 must be >= 1"),
+    (["trainer.precision=fp16"], r"trainer\.precision=fp16 needs loss scaling"),
     (["data=hf_text"], r"missing mandatory value: path"),
 ]
 

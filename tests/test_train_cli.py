@@ -90,14 +90,14 @@ KILL_IN_SECOND_SAVE = """
 import os, signal, sys
 import xpar.training.checkpoint as ckpt
 from xpar.train import main
-write, calls = ckpt._write_file, []
+write, calls = ckpt.write_file, []
 def dying_write(path, data):
     if path.parent.name.startswith(".tmp-step_4"):
         calls.append(path)
         if len(calls) == 3:  # model and optimizer tensors written, the rest not
             os.kill(os.getpid(), signal.SIGKILL)
     write(path, data)
-ckpt._write_file = dying_write
+ckpt.write_file = dying_write
 sys.argv = ["xpar.train", *sys.argv[1:]]
 main()
 """

@@ -53,16 +53,16 @@ def save_checkpoint(
     global ones); this process's RNG states go along. `extra` must be JSON-able."""
     root = Path(root)
     optim_tensors, optim_rest = _split_optimizer_state(optimizer_state)
-    rng_tensors, rng_rest = _rng_state()
+    rng_tensors, rng_rest = rng_state()
     # Serialise the JSON parts first, so that a non-JSON-able value fails before any write.
     files: dict[str, bytes | dict[str, Tensor]] = {
-        "model.safetensors": _to_cpu(model_state),
-        "optimizer.safetensors": _to_cpu(optim_tensors),
-        "optimizer.json": _json_bytes(optim_rest, "optimizer state (param_groups)"),
-        "scheduler.json": _json_bytes(scheduler_state, "scheduler state_dict()"),
+        "model.safetensors": to_cpu(model_state),
+        "optimizer.safetensors": to_cpu(optim_tensors),
+        "optimizer.json": json_bytes(optim_rest, "optimizer state (param_groups)"),
+        "scheduler.json": json_bytes(scheduler_state, "scheduler state_dict()"),
         "rng.safetensors": rng_tensors,
-        "rng.json": _json_bytes(rng_rest, "RNG state"),
-        "trainer.json": _json_bytes(extra, "trainer extra state"),
+        "rng.json": json_bytes(rng_rest, "RNG state"),
+        "trainer.json": json_bytes(extra, "trainer extra state"),
     }
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step_{step}-{os.getpid()}"
@@ -71,16 +71,16 @@ def save_checkpoint(
     try:
         listed = {}
         for name, data in files.items():
-            _write_file(tmp / name, data)
-            listed[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            write_file(tmp / name, data)
+            listed[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
         meta = {"format_version": FORMAT_VERSION, "step": step, "files": listed}
-        _write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())
-        _fsync(tmp)
+        write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+        fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    final = _commit(root, tmp, f"step_{step}")
-    _remove_leftovers(root)
+    final = commit(root, tmp, f"step_{step}")
+    remove_leftovers(root)
     return final
 
 
@@ -107,12 +107,12 @@ def load_checkpoint(path: Path, model_shapes: dict[str, tuple[int, ...]] | None)
     against `model_shapes`, the global shapes the model expects, unless None), restore this
     process's RNG states, and return the rest. Reads only; never writes."""
     path = Path(path)
-    _verify(path)
+    verify(path)
     model_state = load_file(path / "model.safetensors")
     if model_shapes is not None:
-        _check_model_keys(path, model_shapes, model_state)
+        check_model_keys(path, model_shapes, model_state)
     optimizer_state = _read_optimizer_state(path)
-    _set_rng_state(load_file(path / "rng.safetensors"), read_json(path / "rng.json"))
+    set_rng_state(load_file(path / "rng.safetensors"), read_json(path / "rng.json"))
     return Checkpoint(
         path,
         model_state,
@@ -155,16 +155,16 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 # ---- writing -------------------------------------------------------------------------------
 
 
-def _write_file(path: Path, data: bytes | dict[str, Tensor]) -> None:
+def write_file(path: Path, data: bytes | dict[str, Tensor]) -> None:
     """Write one file (safetensors for a tensor dict, else the bytes) and fsync it."""
     if isinstance(data, dict):
         save_file(data, path)
     else:
         path.write_bytes(data)
-    _fsync(path)
+    fsync(path)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -172,7 +172,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _commit(root: Path, tmp: Path, name: str) -> Path:
+def commit(root: Path, tmp: Path, name: str) -> Path:
     """Rename `tmp` to `root/name`. An existing `name` is moved aside first and deleted after,
     so some complete copy is on disk at every moment."""
     final = root / name
@@ -187,20 +187,20 @@ def _commit(root: Path, tmp: Path, name: str) -> Path:
         if aside is not None:
             os.replace(aside, final)
         raise
-    _fsync(root)
+    fsync(root)
     if aside is not None:
         shutil.rmtree(aside)
     return final
 
 
-def _remove_leftovers(root: Path) -> None:
+def remove_leftovers(root: Path) -> None:
     """Temp and moved-aside dirs of interrupted saves or prunes."""
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith(_LEFTOVER_PREFIXES):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Contiguous CPU tensors; ones sharing storage (tied weights) are cloned apart, as
     safetensors refuses shared storage."""
     out, seen = {}, set()
@@ -212,7 +212,7 @@ def _to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _json_bytes(obj: Any, what: str) -> bytes:
+def json_bytes(obj: Any, what: str) -> bytes:
     try:
         return json.dumps(obj, indent=1).encode()
     except (TypeError, ValueError) as e:
@@ -243,7 +243,7 @@ def _read_optimizer_state(path: Path) -> dict[str, Any]:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -255,7 +255,7 @@ def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
     }
 
 
-def _set_rng_state(tensors: dict[str, Tensor], rest: dict[str, Any]) -> None:
+def set_rng_state(tensors: dict[str, Tensor], rest: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
         # Only devices present both then and now; another device count cannot resume exactly.
@@ -278,12 +278,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.fullmatch(p.name)
-        if m and p.is_dir() and _read_meta(p) is not None:
+        if m and p.is_dir() and read_meta(p) is not None:
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
 
-def _read_meta(path: Path) -> dict[str, Any] | None:
+def read_meta(path: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError):
@@ -300,7 +300,7 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -308,14 +308,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _verify(path: Path, required: tuple[str, ...] = _FILES, hash_: bool = True) -> None:
+def verify(path: Path, required: tuple[str, ...] = _FILES, hash_: bool = True) -> None:
     """Raise UserError unless meta.json is readable, lists the `required` files, and (when
     `hash_`) every file it lists matches it."""
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist (or is not a directory)")
     if not (path / "meta.json").is_file():
         raise UserError(f"checkpoint {path} has no meta.json (an interrupted save?)")
-    meta = _read_meta(path)
+    meta = read_meta(path)
     bad = f"checkpoint {path} is incomplete or corrupt"
     if meta is None:
         raise UserError(f"{bad}: meta.json does not parse")
@@ -328,10 +328,10 @@ def _verify(path: Path, required: tuple[str, ...] = _FILES, hash_: bool = True) 
         if name not in meta["files"]:
             raise UserError(f"{bad}: meta.json lists no {name}")
     for name, info in meta["files"].items() if hash_ else ():
-        _check_file(path, name, info)
+        check_file(path, name, info)
 
 
-def _check_file(path: Path, name: str, info: dict[str, Any]) -> None:
+def check_file(path: Path, name: str, info: dict[str, Any]) -> None:
     """One listed file against its size and sha256 in meta.json."""
     bad = f"checkpoint {path} is incomplete or corrupt"
     f = path / name
@@ -339,7 +339,7 @@ def _check_file(path: Path, name: str, info: dict[str, Any]) -> None:
         raise UserError(f"{bad}: {name} is missing")
     if f.stat().st_size != info["bytes"]:
         raise UserError(f"{bad}: {name} has {f.stat().st_size} bytes, expected {info['bytes']}")
-    if _sha256(f) != info["sha256"]:
+    if sha256(f) != info["sha256"]:
         raise UserError(f"{bad}: {name} sha256 mismatch")
 
 
@@ -348,7 +348,7 @@ def _short(items: list[str], limit: int = 8) -> str:
     return "[" + ", ".join(items[:limit]) + more + "]"
 
 
-def _check_model_keys(
+def check_model_keys(
     path: Path, want: dict[str, tuple[int, ...]], saved: dict[str, Tensor]
 ) -> None:
     missing = sorted(want.keys() - saved.keys())

@@ -99,17 +99,17 @@ def save_zero(
     params = dict(pm.module.named_parameters())
     banks = {n: safe_get_full_fp32_param(params[n]) for n in expert_parameter_names(pm.module)}
     if layout.rank < layout.ep_size:  # EDP rank 0 of each EP rank
-        ckpt._write_file(tmp / _expert_file(layout.ep_rank, layout.ep_size), ckpt._to_cpu(banks))
-    rng_tensors, rng_rest = ckpt._rng_state()
-    ckpt._write_file(tmp / f"rng-rank{layout.rank}.safetensors", rng_tensors)
-    ckpt._write_file(tmp / f"rng-rank{layout.rank}.json", ckpt._json_bytes(rng_rest, "RNG state"))
+        ckpt.write_file(tmp / _expert_file(layout.ep_rank, layout.ep_size), ckpt.to_cpu(banks))
+    rng_tensors, rng_rest = ckpt.rng_state()
+    ckpt.write_file(tmp / f"rng-rank{layout.rank}.safetensors", rng_tensors)
+    ckpt.write_file(tmp / f"rng-rank{layout.rank}.json", ckpt.json_bytes(rng_rest, "RNG state"))
     if layout.rank == 0:
         for name, obj in (
             ("model.json", model_description(pm)),
             ("scheduler.json", scheduler_state),
             ("trainer.json", extra),
         ):
-            ckpt._write_file(tmp / name, ckpt._json_bytes(obj, name))
+            ckpt.write_file(tmp / name, ckpt.json_bytes(obj, name))
     _barrier(pm)
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     mine = {f: _file_info(tmp / f) for f in files[layout.rank :: layout.world]}
@@ -120,26 +120,26 @@ def save_zero(
     if layout.rank == 0:
         meta = {"format_version": ckpt.FORMAT_VERSION, "step": step, "kind": KIND}
         meta["files"] = dict(sorted(listed.items()))
-        ckpt._write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+        ckpt.write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())
         for d in (tmp / DS_TAG, tmp):
-            ckpt._fsync(d)
-        path = ckpt._commit(root, tmp, f"step_{step}")
-        ckpt._remove_leftovers(root)
+            ckpt.fsync(d)
+        path = ckpt.commit(root, tmp, f"step_{step}")
+        ckpt.remove_leftovers(root)
         ckpt.prune_checkpoints(root, keep)
     _barrier(pm)
     return path
 
 
 def _file_info(path: Path) -> dict[str, Any]:
-    ckpt._fsync(path)
-    return {"bytes": path.stat().st_size, "sha256": ckpt._sha256(path)}
+    ckpt.fsync(path)
+    return {"bytes": path.stat().st_size, "sha256": ckpt.sha256(path)}
 
 
 # ---- reading -------------------------------------------------------------------------------
 
 
 def is_zero_checkpoint(path: Path) -> bool:
-    meta = ckpt._read_meta(Path(path))
+    meta = ckpt.read_meta(Path(path))
     return meta is not None and meta.get("kind") == KIND
 
 
@@ -149,8 +149,8 @@ def verify(path: Path, pm: ParallelModel | None = None) -> dict[str, Any]:
     path = Path(path)
     error = None
     try:
-        ckpt._verify(path, required=("model.json", "scheduler.json", "trainer.json"), hash_=False)
-        meta = ckpt._read_meta(path)
+        ckpt.verify(path, required=("model.json", "scheduler.json", "trainer.json"), hash_=False)
+        meta = ckpt.read_meta(path)
         desc = ckpt.read_json(path / "model.json")
         required = [_zero_file(r) for r in range(desc["world"])]
         required += [_expert_file(k, desc["ep_size"]) for k in range(desc["ep_size"])]
@@ -159,7 +159,7 @@ def verify(path: Path, pm: ParallelModel | None = None) -> dict[str, Any]:
                 raise UserError(f"checkpoint {path} is incomplete or corrupt: {name} is missing")
         rank, world = (0, 1) if pm is None else (pm.mesh.layout.rank, pm.mesh.layout.world)
         for name in sorted(meta["files"])[rank::world]:
-            ckpt._check_file(path, name, meta["files"][name])
+            ckpt.check_file(path, name, meta["files"][name])
     except UserError as e:
         error = str(e)
     errors = [error] if pm is None else pm.gather_objects(error)
@@ -179,7 +179,7 @@ def check_model(path: Path, desc: dict[str, Any], pm: ParallelModel) -> None:
         )
     saved = {n: torch.empty(s, device="meta") for n, s, _ in desc["params"]}
     want = {n: tuple(s) for n, s, _ in have["params"]}
-    ckpt._check_model_keys(path, want, saved)
+    ckpt.check_model_keys(path, want, saved)
 
 
 def same_layout(desc: dict[str, Any], pm: ParallelModel) -> bool:
@@ -212,7 +212,7 @@ def restore_rng(path: Path, desc: dict[str, Any], rank: int) -> None:
     """This rank's saved RNG state (rank 0's when the checkpoint had fewer ranks)."""
     r = rank if rank < desc["world"] else 0
     tensors = load_file(path / f"rng-rank{r}.safetensors")
-    ckpt._set_rng_state(tensors, ckpt.read_json(path / f"rng-rank{r}.json"))
+    ckpt.set_rng_state(tensors, ckpt.read_json(path / f"rng-rank{r}.json"))
 
 
 def _torch_load(path: Path) -> Any:
