@@ -168,7 +168,7 @@ def test_crash_mid_save_keeps_previous(saved, monkeypatch):
             raise OSError("disk full")
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_file", failing)
+    monkeypatch.setattr(ckpt, "write_file", failing)
     with pytest.raises(OSError, match="disk full"):
         save(root, 4, model, opt, sched, {"step": 4})
     assert sorted(p.name for p in root.iterdir()) == ["step_2"]
