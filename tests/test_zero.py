@@ -20,7 +20,7 @@ from xpar.model import MoETransformerLM
 from xpar.parallel.zero import deepspeed_config, optimizer_groups
 
 from distributed import assert_all_ok, one_line_on_every_rank, run_ranks, torchrun
-from jobs import build, run_cli
+from jobs import FAST, build, run_cli
 
 STEPS = ["trainer.max_steps=10", "trainer.log_every=1", "trainer.eval_every=10"]
 RUN = [*BASE, *STEPS, "trainer.save_every=5"]
@@ -207,3 +207,15 @@ def test_an_ep_size_that_does_not_divide_the_experts_fails_on_every_rank(tmp_pat
     args = [*RUN, "parallel.ep_size=3", "deepspeed=zero2", f"trainer.resume={zero_checkpoint}"]
     proc = torchrun([*args, "run_name=bad"], 3, cwd=tmp_path, timeout=120)
     one_line_on_every_rank(proc, 3, "ep_size=3")
+
+
+@pytest.mark.distributed
+def test_a_dense_model_trains_under_zero_in_one_process(tmp_path):
+    args = [*FAST, "moe=dense", "trainer.max_steps=3", "trainer.log_every=1"]
+    curves = {}
+    for name, extra in (("dense", []), ("dense_z1", ["deepspeed=zero1"])):
+        proc = run_cli([*args, *extra, f"run_name={name}"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        curves[name] = losses(tmp_path / "runs" / name)
+    assert_close(curves["dense"], curves["dense_z1"], rtol=1e-5)
+    assert (tmp_path / "runs" / "dense_z1" / "checkpoints" / "step_3" / "meta.json").exists()

@@ -26,7 +26,6 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
-from xpar.checks import UserError
 from xpar.config import TrainConfig
 from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
 
@@ -162,16 +161,15 @@ def initialize(pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int):
     Returns the engine; its module is `pm.module`, its optimizer the ZeRO optimizer."""
     module, layout = pm.module, pm.mesh.layout
     moe = cfg.model_config().moe
-    if moe is None:
-        raise UserError(f"deepspeed=zero{cfg.deepspeed.stage} needs an MoE model (moe is null)")
     if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
         backend = "nccl" if pm.mesh.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         for key in ("RANK", "LOCAL_RANK"):  # DeepSpeed reads them
             os.environ.setdefault(key, "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-    mark_experts(module, layout.ep_size)
-    module.add_module("ds_expert_groups", ExpertGroups(moe.num_experts, layout.ep_size))
+    if moe is not None:  # a dense model (moe=dense) is plain ZeRO data parallelism
+        mark_experts(module, layout.ep_size)
+        module.add_module("ds_expert_groups", ExpertGroups(moe.num_experts, layout.ep_size))
     config = deepspeed_config(cfg, micro, accum, layout.world)
     fused = pm.mesh.device.type == "cuda" if cfg.optim.fused is None else cfg.optim.fused
     if fused:
@@ -182,7 +180,8 @@ def initialize(pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int):
         config=config,
         dist_init_required=False,
     )
-    _check_groups(pm)
+    if moe is not None:
+        _check_groups(pm)
     # Skip a step whose gradients are not finite in every precision (DeepSpeed checks only
     # under fp16, or bf16 when asked); one all-reduce of a flag per step.
     engine.optimizer.check_grad_overflow = True
