@@ -29,7 +29,8 @@ def _gather(t: Tensor, pm: ParallelModel) -> Tensor:
     return torch.cat(parts).cpu() if parts is not None else t.new_empty(0)
 
 
-def _slice(t: Tensor, pm: ParallelModel) -> Tensor:
+def expert_slice(t: Tensor, pm: ParallelModel) -> Tensor:
+    """This rank's experts of a global [E, ...] bank (or of a tensor laid out like one)."""
     layout = pm.mesh.layout
     local = t.shape[0] // layout.ep_size
     return t[layout.ep_rank * local : (layout.ep_rank + 1) * local]
@@ -52,7 +53,7 @@ def full_model_shapes(pm: ParallelModel) -> dict[str, tuple[int, ...]]:
 
 def load_full_model_state(pm: ParallelModel, state: dict[str, Tensor]) -> None:
     experts = set(expert_parameter_names(pm.module))
-    local = {k: _slice(v, pm) if k in experts else v for k, v in state.items()}
+    local = {k: expert_slice(v, pm) if k in experts else v for k, v in state.items()}
     pm.module.load_state_dict(local, strict=True)
 
 
@@ -83,7 +84,9 @@ def load_full_optimizer_state(
 ) -> None:
     experts = _expert_indices(pm, optimizer)
     local = {
-        i: {k: _slice(v, pm) if i in experts and _per_param(k, v) else v for k, v in s.items()}
+        i: {
+            k: expert_slice(v, pm) if i in experts and _per_param(k, v) else v for k, v in s.items()
+        }
         for i, s in state["state"].items()
     }
     optimizer.load_state_dict({"state": local, "param_groups": state["param_groups"]})

@@ -28,10 +28,9 @@ from torch import nn
 
 from xpar.config import TrainConfig
 from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
+from xpar.training.optim import decay_split
 
 log = logging.getLogger(__name__)
-
-DS_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -114,20 +113,19 @@ def deepspeed_config(cfg: TrainConfig, micro: int, accum: int, world: int) -> di
 
 
 def optimizer_groups(module: nn.Module, weight_decay: float, ep_size: int) -> list[dict]:
-    """Matrices decay and vectors do not (as xpar.training.optim); expert banks get a group
-    of their own flagged `moe`, which ZeRO partitions over the expert-data-parallel group."""
+    """xpar.training.optim's decay and no-decay groups over the dense parameters, and a group
+    of their own for the expert banks (which decay), flagged `moe`: ZeRO partitions it over the
+    expert-data-parallel group."""
     experts = set(expert_parameter_names(module))
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    dense_decay = [p for n, p in named if n not in experts and p.ndim >= 2]
-    dense_flat = [p for n, p in named if n not in experts and p.ndim < 2]
-    expert = [p for n, p in named if n in experts]
+    named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    decay, no_decay = decay_split([(n, p.shape) for n, p in named.items() if n not in experts])
     groups_ = [
-        {"name": "dense_decay", "params": dense_decay, "weight_decay": weight_decay},
-        {"name": "dense_no_decay", "params": dense_flat, "weight_decay": 0.0},
+        {"name": "dense_decay", "params": [named[n] for n in decay], "weight_decay": weight_decay},
+        {"name": "dense_no_decay", "params": [named[n] for n in no_decay], "weight_decay": 0.0},
         {
             "name": expert_group_name(ep_size),
             "moe": True,
-            "params": expert,
+            "params": [named[n] for n in named if n in experts],
             "weight_decay": weight_decay,
         },
     ]

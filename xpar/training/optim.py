@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -10,15 +11,19 @@ from torch import nn
 from xpar.config import OptimConfig
 
 
+def decay_split(shapes: list[tuple[str, Sequence[int]]]) -> tuple[list[str], list[str]]:
+    """Names that decay (matrices and expert banks) and names that do not (vectors: norm
+    weights), each in the given (module) order."""
+    return [n for n, s in shapes if len(s) >= 2], [n for n, s in shapes if len(s) < 2]
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices (and expert banks) decay; vectors (norm weights) do not."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+    """The two AdamW groups of decay_split, decaying first."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    decay, no_decay = decay_split([(n, p.shape) for n, p in named.items()])
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [named[n] for n in decay], "weight_decay": weight_decay},
+        {"params": [named[n] for n in no_decay], "weight_decay": 0.0},
     ]
 
 

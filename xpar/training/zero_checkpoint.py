@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ from torch import Tensor
 
 from xpar.checks import UserError
 from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
-from xpar.parallel.state import full_model_shapes
+from xpar.parallel.state import expert_slice, full_model_shapes, load_full_model_state
 from xpar.training import checkpoint as ckpt
+from xpar.training.optim import decay_split
 
 DS_TAG = "deepspeed"
 KIND = "deepspeed"
@@ -59,9 +61,7 @@ def model_description(pm: ParallelModel) -> dict[str, Any]:
     experts = set(expert_parameter_names(pm.module))
     shapes = full_model_shapes(pm)
     layout = pm.mesh.layout
-    params = [
-        [n, list(shapes[n]), n in experts] for n, _ in pm.module.named_parameters() if n in shapes
-    ]
+    params = [[n, list(shapes[n]), n in experts] for n, _ in pm.module.named_parameters()]
     moe_layers = list(pm.module.moe_layers())
     return {
         "params": params,
@@ -283,10 +283,11 @@ def read_as_plain(path: Path) -> ckpt.Checkpoint:
     )
 
 
-def plain_order(params: list[tuple[str, list[int]]]) -> list[str]:
-    """Parameter names in the order of xpar.training.optim.param_groups: matrices, then
-    vectors, each in module order."""
-    return [n for n, s in params if len(s) >= 2] + [n for n, s in params if len(s) < 2]
+def plain_order(params: list[tuple[str, Sequence[int]]]) -> list[str]:
+    """Parameter names in the order of a single process's AdamW state
+    (xpar.training.optim.param_groups): the decaying ones, then the others."""
+    decay, no_decay = decay_split(params)
+    return decay + no_decay
 
 
 def _plain_optimizer_state(
@@ -297,8 +298,8 @@ def _plain_optimizer_state(
     ds_groups: list[dict[str, Any]],
 ) -> dict[str, Any]:
     shapes = {n: s for n, s, _ in desc["params"]}
-    names = plain_order([(n, shapes[n]) for n in order])
-    n_decay = sum(len(shapes[n]) >= 2 for n in names)
+    decay, no_decay = decay_split([(n, shapes[n]) for n in order])
+    names, n_decay = decay + no_decay, len(decay)
     hyper = {k: v for k, v in ds_groups[0].items() if k not in ("params", "name", "moe")}
     groups = [
         {**hyper, "weight_decay": ds_groups[0]["weight_decay"], "params": list(range(n_decay))},
@@ -317,10 +318,7 @@ def _plain_optimizer_state(
 def load_plain_into_engine(ck: ckpt.Checkpoint, pm: ParallelModel, engine) -> None:
     """Put a plain (global) checkpoint into this rank's module, fp32 master partitions and
     AdamW moments, slicing expert banks to this rank's experts."""
-    from xpar.parallel.state import load_full_model_state
-
     load_full_model_state(pm, ck.model_state)
-    layout = pm.mesh.layout
     experts = set(expert_parameter_names(pm.module))
     named = list(pm.module.named_parameters())
     order = plain_order([(n, list(p.shape)) for n, p in named if p.requires_grad])
@@ -329,10 +327,7 @@ def load_plain_into_engine(ck: ckpt.Checkpoint, pm: ParallelModel, engine) -> No
     name_of = {id(p): n for n, p in named}
 
     def local(name: str, t: Tensor) -> Tensor:
-        if name not in experts:
-            return t
-        k = t.shape[0] // layout.ep_size
-        return t[layout.ep_rank * k : (layout.ep_rank + 1) * k]
+        return expert_slice(t, pm) if name in experts else t
 
     zero = engine.optimizer
     for g, lp_params in enumerate(zero.bit16_groups):
