@@ -68,12 +68,16 @@ def assert_all_ok(results: list[subprocess.CompletedProcess]) -> None:
 
 
 def torchrun(
-    args: list[str], nproc: int, cwd: Path, timeout: float = 600
+    args: list[str], nproc: int, cwd: Path, timeout: float = 600, monitor: float | None = None
 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node NPROC -m xpar.train ARGS` as a user runs it,
-    killed with all its workers if it outlives `timeout`."""
+    killed with all its workers if it outlives `timeout`. `monitor` sets torchrun's
+    --monitor-interval: it stops the other workers at its first check after one fails, so a
+    test that wants every rank's own error gives the slower ranks that long to report it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    if monitor is not None:
+        cmd += ["--monitor-interval", str(monitor)]
     cmd += ["--nproc_per_node", str(nproc), "-m", "xpar.train", *args]
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

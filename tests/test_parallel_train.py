@@ -93,7 +93,8 @@ def test_ep_checkpoints_resume_in_one_process_and_at_ep2(tmp_path, nproc):
     ids=["world", "experts", "groups"],
 )
 def test_bad_layout_fails_on_every_rank_without_hanging(tmp_path, nproc, overrides, pattern):
-    proc = torchrun(["trainer.device=cpu", *overrides], nproc, cwd=tmp_path, timeout=180)
+    args = ["trainer.device=cpu", *overrides]
+    proc = torchrun(args, nproc, cwd=tmp_path, timeout=180, monitor=15)
     one_line_on_every_rank(proc, nproc, pattern)
 
 

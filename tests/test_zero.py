@@ -205,7 +205,7 @@ def test_a_missing_shard_is_named(tmp_path, zero_checkpoint):
 @pytest.mark.distributed
 def test_an_ep_size_that_does_not_divide_the_experts_fails_on_every_rank(tmp_path, zero_checkpoint):
     args = [*RUN, "parallel.ep_size=3", "deepspeed=zero2", f"trainer.resume={zero_checkpoint}"]
-    proc = torchrun([*args, "run_name=bad"], 3, cwd=tmp_path, timeout=120)
+    proc = torchrun([*args, "run_name=bad"], 3, cwd=tmp_path, timeout=120, monitor=15)
     one_line_on_every_rank(proc, 3, "ep_size=3")
 
 
