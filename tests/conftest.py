@@ -15,3 +15,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def require_tool(name: str) -> str:
+    """The path of an external program a test needs (shellcheck, chromium, hadolint): the test
+    skips without it on a developer's machine, and fails in CI, whose .ci/run installs it and
+    sets XPAR_REQUIRE_TOOLS=1."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("XPAR_REQUIRE_TOOLS"):
+            pytest.fail(f"{name} is not installed, and XPAR_REQUIRE_TOOLS=1 (CI) requires it")
+        pytest.skip(f"needs {name} (Debian package; .ci/run installs it)")
+    return path
