@@ -86,6 +86,19 @@ def prepare_distributed(composed: DictConfig | None, overrides: list[str]) -> No
         sys.argv.append(f"run_name={name[0]}")
 
 
+def check_restartable(overrides: list[str]) -> None:
+    """A torchrun job that may restart needs a fixed run name: each attempt would otherwise
+    resolve ${now:...} anew and start over in a new run dir instead of resuming."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    named = any(arg.startswith("run_name=") for arg in overrides)
+    if not named and restarts.isdigit() and int(restarts) > 0:
+        fail(
+            f"torchrun --max-restarts={restarts} needs run_name=NAME (the same on every "
+            "attempt) so that a restart resumes the run's newest checkpoint; "
+            "launch/torchrun.sh sets one"
+        )
+
+
 def quiet_other_ranks() -> None:
     """Only rank 0 writes the log file and logs progress; other ranks log warnings."""
     if world_from_env()[1] == 0:
@@ -133,6 +146,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     register_configs()
     composed = check_overrides(sys.argv[1:])
+    check_restartable(sys.argv[1:])
     if world_from_env()[0] > 1:
         prepare_distributed(composed, sys.argv[1:])
     _hydra_main()

@@ -8,6 +8,7 @@ Under DeepSpeed every rank writes its own partition (see xpar.training.zero_chec
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,29 @@ from xpar.training import zero_checkpoint as zc
 log = logging.getLogger(__name__)
 
 
+RESTART_COUNTERS = {
+    "TORCHELASTIC_RESTART_COUNT": "torchrun restart",  # torchrun --max-restarts
+    "SLURM_RESTART_COUNT": "Slurm requeue",  # a preempted or requeued job
+}
+
+
+def restart_reason() -> str | None:
+    """Why this process continues an interrupted job (`torchrun restart 1`, `Slurm requeue 2`),
+    or None for a job's first attempt."""
+    for var, what in RESTART_COUNTERS.items():
+        count = os.environ.get(var, "0")
+        if count.isdigit() and int(count) > 0:
+            return f"{what} {count}"
+    return None
+
+
 def resume_path(resume: bool | str, root: Path) -> Path | None:
     """The checkpoint `trainer.resume` names, or None for a fresh run. A fresh run refuses a
-    checkpoints dir that already holds checkpoints, which it would otherwise overwrite."""
+    checkpoints dir that already holds checkpoints, which it would otherwise overwrite; a
+    restarted attempt of a job (restart_reason) resumes the newest one instead."""
+    if resume is False and (why := restart_reason()) is not None:
+        log.info("%s: resuming the newest checkpoint in %s", why, root)
+        resume = True
     if resume is False:
         if ckpt.latest_checkpoint(root) is not None:
             raise UserError(
