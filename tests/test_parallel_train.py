@@ -49,6 +49,12 @@ def test_ep2_gives_the_single_process_loss_curve(tmp_path, aux):
     ep = parallel(tmp_path, "ep2", 2, ["parallel.ep_size=2", *aux])
     assert_curves_match(ref, ep)
     assert ep[1]["a2a_rows"] == ep[1]["a2a_pair_rows"] > 0  # flat routing: no dedup
+    for m in ep.values():  # per-rank figures: each rank's share, gathered
+        assert m["rank_a2a_rows_mean"] * 2 == m["a2a_rows"]
+        assert m["rank_expert_slots_mean"] * 2 == m["a2a_pair_rows"]  # dropless: all computed
+        for name in ("a2a_rows", "a2a_bytes", "expert_slots"):
+            lo, mid, hi = (m[f"rank_{name}_{k}"] for k in ("min", "mean", "max"))
+            assert 0 < lo <= mid <= hi
 
 
 def test_ep2_by_dp2_gives_the_single_process_loss_curve(tmp_path):

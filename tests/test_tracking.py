@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from xpar.config import LoggerConfig
-from xpar.training.tracking import Tracker, wandb_mode
+from xpar.training.tracking import Tracker, wandb_labels, wandb_mode
 
 SENTINEL = "xpar-test-key-5f0c1e7a9b3d4c2e8f6a1b0c9d8e7f6a"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -157,7 +157,15 @@ def test_wandb_offline_keeps_key_out_and_records_metrics(wandb_env, tmp_path):
     wandb_env.setenv("WANDB_API_KEY", SENTINEL)
     run_dir = tmp_path / "run"
     cfg = LoggerConfig(kind="wandb", mode="offline", tags=["test"])
-    tracker = Tracker(run_dir, cfg, {"model": {"d_model": 32}, "trainer": {"max_steps": 3}})
+    config = {
+        "run_name": "r1",
+        "model": {"d_model": 32},
+        "moe": {"router": "two_level"},
+        "parallel": {"ep_size": 2},
+        "deepspeed": {"stage": 2},
+        "launch": {"world": 4, "experiment": "synthetic_two_level", "sweep": None, "job": None},
+    }
+    tracker = Tracker(run_dir, cfg, config)
     load = [[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]]
     for step in (1, 2, 3):
         tracker.log(step, {"loss": 4.0 - step / 2, "lr": 1e-3, "expert_load": load})
@@ -184,6 +192,21 @@ def test_wandb_offline_keeps_key_out_and_records_metrics(wandb_env, tmp_path):
     run_id = (run_dir / "wandb_run_id").read_text()
     assert next(run_dir.glob("wandb/offline-run-*")).name.endswith(run_id)
 
+    # (3) name, group and tags from the config; every metric against `step`; load over time
+    assert history[3]["expert_load_over_time/_type"] == "image-file"
+    assert (run_dir / "plots/expert_load_over_time.png").stat().st_size > 0
+    records = read_wandb_records(next(run_dir.glob("wandb/offline-run-*/run-*.wandb")))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"][:1]
+    assert run.display_name == "r1" and run.run_group == "synthetic_two_level"
+    assert list(run.tags) == [
+        "test", "router=two_level", "ep=2", "zero=2", "experiment=synthetic_two_level", "world=4"
+    ]  # fmt: skip
+    metrics = {
+        r.metric.name or r.metric.glob_name: r.metric for r in records if r.HasField("metric")
+    }
+    assert metrics["*"].step_metric == "step" and metrics["loss"].step_metric == "step"
+    assert metrics["val_loss"].summary.min
+
 
 @pytest.mark.timeout(60)
 def test_wandb_auto_mode_without_key_is_offline(wandb_env, tmp_path):
@@ -200,6 +223,17 @@ def test_wandb_auto_mode_without_key_is_offline(wandb_env, tmp_path):
     tracker = Tracker(run_dir, LoggerConfig(kind="wandb", mode="auto"), {}, resume_step=1)
     tracker.finish()
     assert (run_dir / "wandb_run_id").read_text() == first_id
+
+
+def test_wandb_labels_name_sweep_jobs_and_fall_back_to_the_sweep_group():
+    launch = {"world": 1, "experiment": None, "sweep": "sweep_x", "job": "moe.top_k=1"}
+    config = {"run_name": "r", "moe": None, "parallel": {"ep_size": 1}, "launch": launch}
+    name, group, tags = wandb_labels(LoggerConfig(tags=["a", "zero=0"]), config, "dir")
+    assert (name, group) == ("r/moe.top_k=1", "sweep_x")
+    assert tags == ["a", "zero=0", "router=dense", "ep=1", "world=1"]  # no stage: no zero= twice
+    own = LoggerConfig(name="mine", group="g")
+    assert wandb_labels(own, config, "dir")[:2] == ("mine", "g")
+    assert wandb_labels(LoggerConfig(), {}, "dir") == ("dir", None, ["router=dense"])
 
 
 def test_wandb_mode_resolution(monkeypatch):

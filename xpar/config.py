@@ -260,7 +260,9 @@ class LoggerConfig:
     project: str = "xpar"
     entity: str | None = None
     mode: str = "auto"
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # besides router=, ep=, zero=, experiment=
+    name: str | None = None  # wandb run name; None: run_name (and the sweep job's overrides)
+    group: str | None = None  # wandb group; None: the experiment, else the -m sweep
 
     def __post_init__(self) -> None:
         one_of("logger.kind", self.kind, LOGGERS)

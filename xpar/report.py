@@ -208,7 +208,8 @@ def _edges(centers: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * centers[0] - mid[0]], mid, [2 * centers[-1] - mid[-1]]])
 
 
-def _load_figure(steps_S: np.ndarray, load_SLE: np.ndarray) -> Figure:
+def load_figure(steps_S: np.ndarray, load_SLE: np.ndarray) -> Figure:
+    """Expert load × num_experts over steps, experts by steps, per panel of load_panels_ES."""
     panels = load_panels_ES(load_SLE)
     num_experts = load_SLE.shape[2]
     fig = Figure(figsize=(10, len(panels) * min(1.0 + 0.18 * num_experts, 6)), layout="constrained")
@@ -260,7 +261,7 @@ def _loss_section(train: list[Record], evals: list[Record], out: Path) -> Sectio
 def _load_section(train: list[Record], out: Path) -> Section:
     steps_S, load_SLE = expert_load_SLE(train)
     if len(steps_S):
-        image = _save(_load_figure(steps_S, load_SLE), out, "expert_load.png")
+        image = _save(load_figure(steps_S, load_SLE), out, "expert_load.png")
         return Section("Expert load", CAPTIONS["expert_load"], image)
     if any(r.get("expert_load") == [] for r in train):
         why = "Dense model (expert_load is empty): no expert-load heatmap."

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -109,6 +111,19 @@ def quiet_other_ranks() -> None:
     root.setLevel(logging.WARNING)
 
 
+def launch_facts(world: int) -> dict[str, Any]:
+    """How Hydra and the launcher started this job, for the tracker (wandb's run name, group
+    and tags come from these and the config)."""
+    hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    return {
+        "world": world,
+        "experiment": hc.runtime.choices.get("experiment"),
+        "sweep": Path(hc.sweep.dir).name if sweep else None,
+        "job": (hc.job.override_dirname or str(hc.job.num)) if sweep else None,
+    }
+
+
 def run(cfg: DictConfig) -> None:
     """One job: check the config, write it resolved, train, print the final evaluation."""
     from xpar.training.trainer import Trainer, TrainingDiverged  # torch-heavy; after parsing
@@ -122,7 +137,9 @@ def run(cfg: DictConfig) -> None:
             dist.barrier()
         if rank == 0:
             OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
-        trainer = Trainer(train_cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config["launch"] = launch_facts(world_from_env()[0])
+        trainer = Trainer(train_cfg, run_dir, config)
         log.info("run dir %s; %s", run_dir, trainer.data.description)
         result = trainer.fit()
     except (UserError, TrainingDiverged) as e:

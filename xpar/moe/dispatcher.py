@@ -148,6 +148,7 @@ class A2AStats:
     rows: int  # rows sent by the all-to-all (one way)
     pair_rows: int  # rows one per (token, expert) pair would have needed
     bytes: int  # hidden states there and back plus the slot metadata
+    recv_slots: int = 0  # (token, expert) slots this rank's experts computed
 
 
 @dataclass

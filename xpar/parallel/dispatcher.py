@@ -138,6 +138,7 @@ class AllToAllDispatcher:
             rows=R,
             pair_rows=pairs,
             bytes=2 * R * x_TD.shape[1] * itemsize + R * K * (e_RK.element_size() + 4),
+            recv_slots=M,
         )
         dropped = (1.0 - kept_N.sum() / max(T * K, 1)).detach()
         ctx = EPContext(

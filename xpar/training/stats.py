@@ -24,19 +24,24 @@ class StepStats:
     aux_loss: float  # weighted aux + z losses summed over MoE layers
     dropped_fraction: float
     load_LE: np.ndarray  # fraction of routed slots per expert, per MoE layer
-    a2a: dict[str, float]  # all-to-all rows / pair rows / bytes summed over ranks (EP only)
+    a2a: dict[str, float]  # all-to-all totals, and min/mean/max over ranks (EP only)
     stop: bool  # some rank was asked to stop (a signal)
+
+
+A2A_FIELDS = ("rows", "pair_rows", "bytes", "recv_slots")
 
 
 class Tally:
     """Sums of LMOutputs; reduce() averages the losses over ranks (each rank's token count is
-    the same) and sums the counts."""
+    the same), sums the counts, and gathers each rank's all-to-all figures."""
 
-    def __init__(self, num_layers: int, num_experts: int, device: torch.device) -> None:
-        self.device = device
+    def __init__(
+        self, num_layers: int, num_experts: int, device: torch.device, rank: int = 0, world: int = 1
+    ) -> None:
+        self.device, self.rank, self.world = device, rank, world
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm, aux, dropped
         self.counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
-        self.a2a = [0, 0, 0]  # rows, pair rows, bytes (host ints: known after the dispatch)
+        self.a2a = [0] * len(A2A_FIELDS)  # host ints: known after the dispatch
         self.weight = 0.0
 
     def add(self, out: LMOutput, weight: float = 1.0) -> None:
@@ -52,42 +57,52 @@ class Tally:
             self.counts_LE += torch.stack([a.tokens_per_expert for a in out.aux]).double()
             for a in out.aux:
                 if a.a2a is not None:
-                    self.a2a[0] += a.a2a.rows
-                    self.a2a[1] += a.a2a.pair_rows
-                    self.a2a[2] += a.a2a.bytes
+                    for i, name in enumerate(A2A_FIELDS):
+                        self.a2a[i] += getattr(a.a2a, name)
 
     def reduce(
         self, pm: ParallelModel, stop: bool = False, grad_norm: Tensor | None = None
     ) -> tuple[StepStats, float]:
-        """The step's statistics summed over ranks (one all-reduce) and read to the host in one
-        copy, together with `grad_norm` (already global) when given."""
-        extra = torch.tensor(
-            [self.weight, float(stop), *self.a2a], dtype=torch.float64, device=self.device
-        )
-        packed = pm.all_reduce_sum(torch.cat([self.sums, extra, self.counts_LE.flatten()]))
+        """The step's statistics summed over ranks (one all-reduce, in which each rank's
+        all-to-all figures sit in its own slot: a gather) and read to the host in one copy,
+        together with `grad_norm` (already global) when given."""
+        F = len(A2A_FIELDS)
+        a2a_WF = torch.zeros(self.world, F, dtype=torch.float64, device=self.device)
+        a2a_WF[self.rank] = torch.tensor(self.a2a, dtype=torch.float64)
+        extra = torch.tensor([self.weight, float(stop)], dtype=torch.float64, device=self.device)
+        parts = [self.sums, extra, a2a_WF.flatten(), self.counts_LE.flatten()]
+        packed = pm.all_reduce_sum(torch.cat(parts))
         norm = torch.zeros(1) if grad_norm is None else grad_norm.double().reshape(1)
         values = torch.cat([packed, norm.to(packed.device)]).cpu()
         sums, weight, stop_votes = values[:3], values[3], values[4]
-        counts_LE = values[8:-1].view(self.counts_LE.shape)
+        a2a_WF = values[5 : 5 + self.world * F].view(self.world, F)
+        counts_LE = values[5 + self.world * F : -1].view(self.counts_LE.shape)
         load_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1)
         mean = (sums / weight.clamp_min(1e-12)).tolist()
-        a2a = values[5:8].tolist()
         stats = StepStats(
             loss=mean[0],
             aux_loss=mean[1],
             dropped_fraction=mean[2],
             load_LE=load_LE.numpy(),
-            a2a=_a2a_metrics(a2a) if a2a[1] else {},
+            a2a=_a2a_metrics(a2a_WF) if a2a_WF[:, 1].sum() else {},
             stop=bool(stop_votes > 0),
         )
         return stats, float(values[-1])
 
 
-def _a2a_metrics(a2a: list[float]) -> dict[str, Any]:
-    rows, pairs, nbytes = a2a
-    return {
+def _a2a_metrics(a2a_WF: Tensor) -> dict[str, Any]:
+    """Totals over ranks, and per rank (min/mean/max): rows and bytes each rank sent, and the
+    expert slots its experts computed (the straggler that sets an EP step's pace)."""
+    rows, pairs, nbytes, _ = a2a_WF.sum(0).tolist()
+    out: dict[str, Any] = {
         "a2a_rows": int(rows),
         "a2a_pair_rows": int(pairs),
         "a2a_bytes": int(nbytes),
         "a2a_saving": 1.0 - rows / pairs,
     }
+    per_rank = {"a2a_rows": 0, "a2a_bytes": 2, "expert_slots": 3}
+    for name, i in per_rank.items():
+        col = a2a_WF[:, i]
+        stats = {"min": col.min(), "mean": col.mean(), "max": col.max()}
+        out.update({f"rank_{name}_{k}": float(v) for k, v in stats.items()})
+    return out

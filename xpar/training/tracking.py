@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from xpar.checks import UserError
 from xpar.config import LoggerConfig
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,33 @@ def _max_over_mean(row: list[Any]) -> float | None:
     return max(values) / (sum(values) / len(values))
 
 
+METRIC_SUMMARIES = {"loss": "min", "val_loss": "min", "val_gap": "min", "tokens_per_s": "mean"}
+
+
+def wandb_labels(
+    cfg: LoggerConfig, config: dict[str, Any], default_name: str
+) -> tuple[str, str | None, list[str]]:
+    """The wandb run's name, group and tags. Name: logger.name, else run_name (a -m sweep job
+    adds its overrides). Group: logger.group, else the experiment, else the sweep. Tags: the
+    config's logger.tags plus router=, ep=, zero=, experiment= and world=, so runs filter and
+    group by how they were trained."""
+    launch = config.get("launch") or {}
+    moe = config.get("moe") or {}
+    name = cfg.name or str(config.get("run_name") or default_name)
+    if cfg.name is None and launch.get("job"):
+        name = f"{name}/{launch['job']}"
+    group = cfg.group or launch.get("experiment") or launch.get("sweep")
+    derived = {
+        "router": moe.get("router", "dense") if moe else "dense",
+        "ep": (config.get("parallel") or {}).get("ep_size"),
+        "zero": (config.get("deepspeed") or {}).get("stage"),
+        "experiment": launch.get("experiment"),
+        "world": launch.get("world"),
+    }
+    tags = list(cfg.tags) + [f"{k}={v}" for k, v in derived.items() if v is not None]
+    return name, group, [t[:64] for t in dict.fromkeys(tags)]  # wandb: tags of <= 64 chars
+
+
 class Tracker:
     """Writes each logged step to `run_dir/metrics.jsonl` (nan/inf are written as null) and,
     with `cfg.kind == "wandb"`, to a wandb run whose files live under `run_dir/wandb/`."""
@@ -112,13 +140,15 @@ class Tracker:
         # holds, so steps redone after an older checkpoint reach metrics.jsonl but not wandb.
         id_file = self.run_dir / RUN_ID_FILE
         resume = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.exists() else {}
+        name, group, tags = wandb_labels(cfg, config, self.run_dir.name)
         run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
-            tags=list(cfg.tags),
+            name=name,
+            group=group,
+            tags=tags,
             config=config,
             dir=str(self.run_dir),
-            name=self.run_dir.name,
             mode=wandb_mode(cfg.mode),
             # console="off": captured stdout could hold anything (even an echoed key); the
             # trainer's numbers reach wandb through log() anyway. silent: no banner spam.
@@ -126,6 +156,11 @@ class Tracker:
             **resume,
         )
         id_file.write_text(run.id)
+        # Every metric against the optimizer step (also after a resume); best-so-far summaries.
+        run.define_metric("step", hidden=True)
+        run.define_metric("*", step_metric="step")
+        for key, summary in METRIC_SUMMARIES.items():
+            run.define_metric(key, step_metric="step", summary=summary)
         sync_dir = run.settings.sync_dir
         msg = f"wandb offline run in {sync_dir}; upload: wandb sync {sync_dir}"
         if not run.offline:
@@ -143,7 +178,7 @@ class Tracker:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._run is not None:
-            self._run.log(self._wandb_scalars(record), step=int(step))
+            self._run.log({"step": int(step), **self._wandb_scalars(record)}, step=int(step))
 
     def _wandb_scalars(self, record: dict[str, Any]) -> dict[str, Any]:
         """Scalars as they are; a list of rows (expert_load: one per MoE layer) as
@@ -176,10 +211,30 @@ class Tracker:
         path = self.run_dir / "plots" / f"expert_load_step{step}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_heatmap(load_LE, layer_ids, step, path)
+        over_time = self._save_load_over_time()
         if self._run is not None:
             import wandb
 
-            self._run.log({"expert_load": wandb.Image(str(path))}, step=int(step))
+            images = {"expert_load": wandb.Image(str(path))}
+            if over_time is not None:
+                images["expert_load_over_time"] = wandb.Image(str(over_time))
+            self._run.log({"step": int(step), **images}, step=int(step))
+        return path
+
+    def _save_load_over_time(self) -> Path | None:
+        """`plots/expert_load_over_time.png`: every logged training step's expert load so far
+        (experts by steps, one panel per MoE layer), redrawn from metrics.jsonl."""
+        from xpar.report import expert_load_SLE, load_figure, read_metrics
+
+        self._file.flush()
+        try:
+            steps_S, load_SLE = expert_load_SLE(read_metrics(self.run_dir)[0])
+        except UserError:  # no training step logged yet
+            return None
+        if not len(steps_S):
+            return None
+        path = self.run_dir / "plots" / "expert_load_over_time.png"
+        load_figure(steps_S, load_SLE).savefig(path, dpi=90)
         return path
 
     def finish(self) -> None:

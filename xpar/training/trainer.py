@@ -197,7 +197,8 @@ class Trainer:
     def _tally(self) -> Tally:
         moe = self.model_cfg.moe
         num_experts = 0 if moe is None else moe.num_experts
-        return Tally(len(self.model_cfg.moe_layer_ids()), num_experts, self.device)
+        num_layers = len(self.model_cfg.moe_layer_ids())
+        return Tally(num_layers, num_experts, self.device, self.rank, self.world)
 
     def _forward(self, tokens_BL: Tensor, module: nn.Module | Any):
         check_token_ids(tokens_BL, self.model_cfg.vocab_size, "training batch")
