@@ -305,3 +305,36 @@ def test_debug_sh_runs_one_process_with_anomaly_detection(tmp_path):
     assert cfg.parallel.ep_size == 1
     assert [m["step"] for m in metrics(tmp_path / "runs/dbg") if "loss" in m] == [1, 2, 3]
     assert records(tmp_path) == []  # no RANK reached the process: it ran alone
+
+
+def test_submitit_sweep_runs_each_job_as_joined_tasks(tmp_path):
+    """launcher=submitit_local: the code path of launcher=slurm (submitit's task environment
+    becomes torch's), on this machine: two jobs, each two processes at EP=2."""
+    cmd = [sys.executable, "-m", "xpar.train", "-m", "launcher=submitit_local"]
+    cmd += ["hydra.launcher.tasks_per_node=2", "parallel.ep_size=2", *QUICK]
+    cmd += ["trainer.max_steps=3", "trainer.eval_every=3", "moe.top_k=1,2", "hydra.sweep.dir=sw"]
+    env = launch_env(tmp_path)
+    env["PYTHONPATH"] = str(REPO)
+    proc = run(cmd, env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, top_k in ((0, 1), (1, 2)):
+        lines = [m for m in metrics(tmp_path / f"sw/{job}") if "loss" in m]
+        assert [m["step"] for m in lines] == [1, 2, 3]
+        tokens = 32 * 64 * 4  # batch x seq_len x MoE layers
+        for m in lines:  # two ranks, each sending its share of the job's slots
+            assert m["a2a_pair_rows"] == top_k * tokens
+            assert m["rank_a2a_rows_mean"] * 2 == m["a2a_rows"]
+
+
+def test_slurm_launcher_config_submits_through_submitit():
+    from hydra import compose, initialize_config_dir
+
+    from xpar.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", ["launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and cfg.launcher.name == "slurm"
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8
+    assert launcher.signal_delay_s == 120 and launcher.max_num_timeout == 3

@@ -271,9 +271,13 @@ class LoggerConfig:
 
 @dataclass
 class LauncherConfig:
-    """How Hydra starts jobs: `local` runs them in this process."""
+    """How Hydra starts jobs: `local` runs them in this process, `slurm` submits each -m job
+    to Slurm (hydra-submitit-launcher), `submitit_local` runs each as local submitit tasks."""
 
     name: str = "local"
+
+    def __post_init__(self) -> None:
+        one_of("launcher.name", self.name, ("local", "slurm", "submitit_local"))
 
 
 def _model_arch_schema() -> type:

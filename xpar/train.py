@@ -111,6 +111,19 @@ def quiet_other_ranks() -> None:
     root.setLevel(logging.WARNING)
 
 
+def export_submitit_tasks() -> None:
+    """A job that hydra-submitit-launcher started as several tasks (launcher=slurm or
+    submitit_local, hydra.launcher.tasks_per_node > 1) gets torchrun's variables (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) from submitit's job environment. The sweep fixed
+    the run dir when it was submitted, so the tasks already share it."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "RANK" in os.environ:
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def launch_facts(world: int) -> dict[str, Any]:
     """How Hydra and the launcher started this job, for the tracker (wandb's run name, group
     and tags come from these and the config)."""
@@ -126,19 +139,23 @@ def launch_facts(world: int) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> None:
     """One job: check the config, write it resolved, train, print the final evaluation."""
-    from xpar.training.trainer import Trainer, TrainingDiverged  # torch-heavy; after parsing
+    from xpar.training.trainer import Trainer, TrainingDiverged, pick_device  # torch-heavy
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    export_submitit_tasks()
     quiet_other_ranks()
-    rank = world_from_env()[1]
+    world, rank, _ = world_from_env()
     try:
         train_cfg = to_train_config(cfg)
-        if world_from_env()[0] > 1:  # every rank's Hydra wrote .hydra/ first: then overwrite
+        if world > 1 and not dist.is_initialized():  # submitit's tasks join here
+            check_layout(train_cfg.parallel, train_cfg.moe, world)
+            join_process_group(pick_device(train_cfg.trainer.device), train_cfg.parallel.timeout_s)
+        if world > 1:  # every rank's Hydra wrote .hydra/ first: then overwrite
             dist.barrier()
         if rank == 0:
             OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
         config = OmegaConf.to_container(cfg, resolve=True)
-        config["launch"] = launch_facts(world_from_env()[0])
+        config["launch"] = launch_facts(world)
         trainer = Trainer(train_cfg, run_dir, config)
         log.info("run dir %s; %s", run_dir, trainer.data.description)
         result = trainer.fit()
