@@ -15,7 +15,7 @@ while (($#)); do
   case "$1" in
     --anomaly) overrides+=(trainer.detect_anomaly=true); shift ;;
     --cpu) overrides+=(trainer.device=cpu); shift ;;
-    --help | -h) sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --help | -h) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "launch/debug.sh: error: unknown option $1 (options: --anomaly, --cpu)" >&2; exit 2 ;;
     *) overrides+=("$1"); shift ;;
   esac

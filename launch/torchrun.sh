@@ -54,7 +54,7 @@ while (($#)); do
     --nproc-per-node=*) nproc="${1#*=}"; shift ;;
     --max-restarts) max_restarts="${2:-}"; shift 2 || die "--max-restarts needs a value" ;;
     --max-restarts=*) max_restarts="${1#*=}"; shift ;;
-    --help | -h) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --help | -h) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
     --) shift; overrides+=("$@"); break ;;
     -*) die "unknown option $1 (options: --nnodes, --nproc-per-node, --max-restarts; the rest are Hydra overrides key=value)" ;;
     *) overrides+=("$1"); shift ;;
