@@ -13,6 +13,7 @@
 #   MASTER_ADDR     without RDZV_ENDPOINT: node 0's address for a static rendezvous
 #   MASTER_PORT     its port (29500)
 #   RUN_NAME        the run's name, hence runs/RUN_NAME; must be the same on every node
+#   SHUTDOWN_TIMEOUT  seconds workers get to save after SIGTERM before SIGKILL (110)
 #   PYTHON          the interpreter with xpar's dependencies (python)
 # One node with neither endpoint runs torchrun --standalone.
 set -euo pipefail
@@ -37,7 +38,7 @@ gpu_count() {
 }
 
 is_count() {
-  if ! [[ "$2" =~ ^[0-9]+$ ]] || (("$2" < $3)); then
+  if ! [[ "$2" =~ ^[0-9]+$ ]] || ((10#$2 < $3)); then
     die "$1=$2 must be an integer >= $3"
   fi
 }
@@ -68,18 +69,27 @@ fi
 is_count NNODES "$nnodes" 1
 is_count NPROC_PER_NODE "$nproc" 1
 is_count MAX_RESTARTS "$max_restarts" 0
-node_rank="${NODE_RANK:-${SLURM_NODEID:-0}}"
-is_count NODE_RANK "$node_rank" 0
-((node_rank < nnodes)) || die "NODE_RANK=$node_rank must be below NNODES=$nnodes"
+node_rank="${NODE_RANK:-${SLURM_NODEID:-}}"
+if [[ -n "$node_rank" ]]; then
+  is_count NODE_RANK "$node_rank" 0
+  ((10#$node_rank < nnodes)) || die "NODE_RANK=$node_rank must be below NNODES=$nnodes"
+fi
+shutdown_timeout="${SHUTDOWN_TIMEOUT:-110}"
+is_count SHUTDOWN_TIMEOUT "$shutdown_timeout" 1
 
 args=(--nnodes "$nnodes" --nproc-per-node "$nproc" --max-restarts "$max_restarts")
+args+=(--shutdown-timeout "$shutdown_timeout")
 if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
-  host=false
-  ((node_rank == 0)) && host=true
   args+=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-xpar}")
-  args+=(--rdzv-conf "is_host=$host")
+  if [[ -n "$node_rank" ]]; then  # else torch asks whether the endpoint names this host
+    host=false
+    ((10#$node_rank == 0)) && host=true
+    args+=(--rdzv-conf "is_host=$host")
+  fi
 elif [[ -n "${MASTER_ADDR:-}" ]]; then
-  args+=(--node-rank "$node_rank" --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}")
+  ((nnodes == 1 || max_restarts == 0)) \
+    || die "MAX_RESTARTS=$max_restarts on $nnodes nodes needs RDZV_ENDPOINT (c10d): a static rendezvous does not restart other nodes"
+  args+=(--node-rank "${node_rank:-0}" --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}")
 elif ((nnodes == 1)); then
   args+=(--standalone)
 else
@@ -88,7 +98,7 @@ fi
 
 # A restart must find the checkpoints of the attempt it replaces: fix the run's name.
 named=false
-for o in "${overrides[@]}"; do [[ "$o" == run_name=* ]] && named=true; done
+for o in ${overrides[@]+"${overrides[@]}"}; do [[ "$o" == run_name=* ]] && named=true; done
 if ! $named && [[ -n "${RUN_NAME:-}" ]]; then
   overrides+=("run_name=$RUN_NAME")
 elif ! $named && ((max_restarts > 0)); then
@@ -96,5 +106,9 @@ elif ! $named && ((max_restarts > 0)); then
   overrides+=("run_name=$(date +%Y-%m-%d_%H-%M-%S)")
 fi
 
+# Each rendezvous round gets a fresh store: keys a killed attempt left in a shared one would be
+# read as the next attempt's addresses.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export PYTHONPATH="$XPAR_HOME${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" -m torch.distributed.run "${args[@]}" -m xpar.train "${overrides[@]}"
+exec "${PYTHON:-python}" -m torch.distributed.run "${args[@]}" \
+  -m xpar.train ${overrides[@]+"${overrides[@]}"}

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,7 +102,9 @@ def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 300) -> subproces
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The run's metrics.jsonl lines; a line still being written (no newline yet) is left out."""
+    text = (run_dir / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def final_losses(run_dir: Path) -> tuple[float, float]:
@@ -140,11 +143,15 @@ def test_torchrun_sh_defaults_to_the_cpu_count_without_gpus(tmp_path):
     assert args[args.index("--nproc-per-node") + 1] == str(len(os.sched_getaffinity(0)))
     assert "--standalone" in args and args[-2:] == ["a=1", "b=x y"]
     env.update(RDZV_ENDPOINT="node0:29400", RDZV_ID="42", NNODES="2", NODE_RANK="1")
-    args = run([str(REPO / "launch/torchrun.sh"), "--nproc-per-node=3"], env, tmp_path)
+    args = run([str(REPO / "launch/torchrun.sh"), "--nproc-per-node=08"], env, tmp_path)
     args = args.stdout.splitlines()
     assert args[args.index("--rdzv-endpoint") + 1] == "node0:29400"
     assert args[args.index("--rdzv-conf") + 1] == "is_host=false"
-    assert args[args.index("--nproc-per-node") + 1] == "3" and "--standalone" not in args
+    assert args[args.index("--nproc-per-node") + 1] == "08" and "--standalone" not in args
+    assert args[args.index("--shutdown-timeout") + 1] == "110"
+    env.pop("NODE_RANK")  # no node rank: torch decides whether the endpoint is this host
+    args = run([str(REPO / "launch/torchrun.sh")], env, tmp_path).stdout.splitlines()
+    assert "--rdzv-conf" not in args and args[-2:] == ["-m", "xpar.train"]
 
 
 @pytest.mark.parametrize(
@@ -160,6 +167,12 @@ def test_torchrun_sh_defaults_to_the_cpu_count_without_gpus(tmp_path):
             [],
             "needs RUN_NAME (the same on every node)",
         ),
+        (
+            {"NNODES": "2", "MASTER_ADDR": "a", "MAX_RESTARTS": "1", "RUN_NAME": "r"},
+            [],
+            "needs RDZV_ENDPOINT (c10d): a static rendezvous does not restart other nodes",
+        ),
+        ({"NPROC_PER_NODE": "08x"}, [], "NPROC_PER_NODE=08x must be an integer >= 1"),
     ],
 )
 def test_torchrun_sh_bad_input_is_one_line(tmp_path, env, args, message):
@@ -178,6 +191,11 @@ def test_plain_torchrun_with_restarts_needs_a_run_name(tmp_path):
     lines = [x for x in proc.stderr.splitlines() if x.startswith("xpar: error")]
     assert proc.returncode != 0 and len(lines) == 2, proc.stderr[-2000:]  # attempt and restart
     assert "--max-restarts=1 needs run_name=NAME" in lines[0]
+    # with a name, but torchrun's shared store (which a restart would misread)
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    proc = run([*cmd, "run_name=r"], env, tmp_path, timeout=120)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("xpar: error")]
+    assert len(lines) == 2 and "needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in lines[0]
 
 
 def test_a_killed_worker_restarts_and_ends_like_an_uninterrupted_run(tmp_path):
@@ -259,17 +277,24 @@ def fake_slurm(tmp_path: Path, nodes: int) -> dict[str, str]:
         "SLURM_JOB_NODELIST": f"node[0-{nodes - 1}]",
         "SLURM_SUBMIT_DIR": str(REPO),
         "NPROC_PER_NODE": "1",
-        "RDZV_PORT": "29731",
+        "RDZV_PORT": str(free_port()),
     }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_sbatch_script_runs_two_nodes_under_a_faked_slurm(tmp_path):
     env = launch_env(tmp_path, **fake_slurm(tmp_path, nodes=2))
     sbatch = REPO / "launch/slurm/train.sbatch"
     proc = run(["bash", str(sbatch), *QUICK, "trainer.max_steps=4"], env, tmp_path)
-    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
-    assert proc.returncode == 0, proc.stderr[-2000:] + logs[-3000:]
-    assert "job 4242, 2 nodes, rendezvous 127.0.0.1:29731, run runs/slurm_4242" in proc.stdout
+    logs = [p.read_text()[-3000:] for p in sorted(tmp_path.glob("node*.log"))]
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}\n{logs}"
+    port = env["RDZV_PORT"]
+    assert f"job 4242, 2 nodes, rendezvous 127.0.0.1:{port}, run runs/slurm_4242" in proc.stdout
     run_dir = tmp_path / "runs/slurm_4242"
     assert [m["step"] for m in metrics(run_dir) if "loss" in m] == [1, 2, 3, 4]
     assert (run_dir / "checkpoints/step_4/meta.json").exists()

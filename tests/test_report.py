@@ -257,7 +257,7 @@ def test_a_failed_render_leaves_the_old_report_intact(runs, tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("matplotlib fell over")
 
-    monkeypatch.setattr(report, "_load_figure", broken)
+    monkeypatch.setattr(report, "load_figure", broken)
     with pytest.raises(RuntimeError, match="fell over"):
         report.write_report(runs["moe"], out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

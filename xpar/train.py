@@ -89,15 +89,23 @@ def prepare_distributed(composed: DictConfig | None, overrides: list[str]) -> No
 
 
 def check_restartable(overrides: list[str]) -> None:
-    """A torchrun job that may restart needs a fixed run name: each attempt would otherwise
-    resolve ${now:...} anew and start over in a new run dir instead of resuming."""
+    """A torchrun job that may restart needs a fixed run name (each attempt would otherwise
+    resolve ${now:...} anew and start over in a new run dir) and a store per attempt."""
     restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
-    named = any(arg.startswith("run_name=") for arg in overrides)
-    if not named and restarts.isdigit() and int(restarts) > 0:
+    if not (restarts.isdigit() and int(restarts) > 0):
+        return
+    if not any(arg.startswith("run_name=") for arg in overrides):
         fail(
             f"torchrun --max-restarts={restarts} needs run_name=NAME (the same on every "
             "attempt) so that a restart resumes the run's newest checkpoint; "
             "launch/torchrun.sh sets one"
+        )
+    # torchrun's shared store keeps a killed attempt's keys, which the next attempt would read
+    # as its peers' addresses and fail (seen with torch 2.13); a store per round is clean.
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        fail(
+            f"torchrun --max-restarts={restarts} needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "in torchrun's environment (a fresh store per restart); launch/torchrun.sh sets it"
         )
 
 

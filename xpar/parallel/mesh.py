@@ -106,17 +106,9 @@ def join_process_group(device: torch.device, timeout_s: int) -> None:
     gloo on the CPU. A no-op when already joined."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if dist.is_initialized():
-        return
-    timeout = datetime.timedelta(seconds=timeout_s)
-    # torchrun keeps one store across restarts: the keys a killed attempt left there would be
-    # read as the new attempt's addresses. Each attempt gets its own key space.
-    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"xpar/attempt_{attempt}", store)
-    dist.init_process_group(
-        backend_for(device), store=store, rank=rank, world_size=world, timeout=timeout
-    )
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend_for(device), timeout=timeout)
 
 
 def init_mesh(parallel: ParallelConfig, moe: MoEConfig | None, device: torch.device) -> Mesh:

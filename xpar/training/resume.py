@@ -48,11 +48,14 @@ def restart_reason() -> str | None:
 
 def resume_path(resume: bool | str, root: Path) -> Path | None:
     """The checkpoint `trainer.resume` names, or None for a fresh run. A fresh run refuses a
-    checkpoints dir that already holds checkpoints, which it would otherwise overwrite; a
-    restarted attempt of a job (restart_reason) resumes the newest one instead."""
-    if resume is False and (why := restart_reason()) is not None:
-        log.info("%s: resuming the newest checkpoint in %s", why, root)
-        resume = True
+    checkpoints dir that already holds checkpoints, which it would otherwise overwrite. A
+    restarted attempt of a job (restart_reason) resumes the run's newest checkpoint, whatever
+    `resume` names: that is where the attempt it replaces got to."""
+    if (why := restart_reason()) is not None and (newest := ckpt.latest_checkpoint(root)):
+        log.info("%s: resuming the run's newest checkpoint %s", why, newest)
+        return newest
+    if resume is False and why is not None:  # restarted before its first checkpoint
+        return None
     if resume is False:
         if ckpt.latest_checkpoint(root) is not None:
             raise UserError(
