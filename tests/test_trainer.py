@@ -1,5 +1,7 @@
 """The training loop in-process: exact resume, skipped non-finite steps, presets, accumulation."""
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,35 @@ def test_stop_and_resume_gives_bitwise_equal_losses(tmp_path):
     lines_a = (tmp_path / "a/metrics.jsonl").read_text().splitlines()
     lines_b = (tmp_path / "b/metrics.jsonl").read_text().splitlines()
     assert len(lines_a) == len(lines_b) == 21  # 20 steps + the final evaluation
+
+
+def test_slurm_warning_under_submitit_saves_then_hands_over_to_submitit(tmp_path, monkeypatch):
+    """launcher=slurm: SIGUSR2 (Slurm's warning before the time limit) stops the loop like
+    SIGTERM, and submitit's own handler (which requeues the job) runs after the save."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    calls = []
+    ckpts = tmp_path / "a/checkpoints"
+
+    def submitit_handler(signum, frame):
+        calls.append((signum, sorted(p.name for p in ckpts.iterdir())))
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        trainer = make(tmp_path / "a", ["trainer.max_steps=50", "trainer.save_every=100"])
+        step = trainer.train_step
+
+        def warned_at_step_3(batches):
+            if trainer.step == 2:
+                os.kill(os.getpid(), signal.SIGUSR2)
+            return step(batches)
+
+        trainer.train_step = warned_at_step_3
+        result = trainer.fit()
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # restored
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert result.stopped_early and result.step == 3
+    assert calls == [(signal.SIGUSR2, ["step_3"])]
 
 
 def test_a_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -143,6 +144,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_tflops(self.device, tc.peak_tflops)
         self._stop_signal: int | None = None
+        self._submitit_handler: Any = None
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -296,14 +298,20 @@ class Trainer:
     @contextmanager
     def _stop_on_signals(self):
         """SIGINT/SIGTERM ask the loop to save and stop after the current step (the ranks agree
-        on which step through the step's all-reduce); a second SIGINT interrupts at once."""
+        on which step through the step's all-reduce); a second SIGINT interrupts at once. In a
+        submitit job (launcher=slurm) so does SIGUSR2, Slurm's warning before the time limit,
+        whose submitit handler (it requeues the job) runs after the save."""
 
         def handler(signum, frame):
             if self._stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self._stop_signal = signum
 
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = [signal.SIGINT, signal.SIGTERM]
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            signals.append(signal.SIGUSR2)
+        previous = {s: signal.signal(s, handler) for s in signals}
+        self._submitit_handler = previous.get(signal.SIGUSR2)
         try:
             yield
         finally:
@@ -384,6 +392,9 @@ class Trainer:
             why = "a signal on another rank" if by_signal else "stop_at"
         log.info("stopped at step %d (%s); checkpoint %s", self.step, why, path)
         result.stopped_early = True
+        if self._stop_signal == signal.SIGUSR2 and callable(self._submitit_handler):
+            self.tracker.finish()
+            self._submitit_handler(signal.SIGUSR2, None)  # rank 0 requeues the job and exits
 
     def _show(self, bar: tqdm, metrics: dict[str, Any]) -> None:
         loss, lr, tok_s = metrics["loss"], metrics["lr"], metrics["tokens_per_s"]
