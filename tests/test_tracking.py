@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from xpar.config import LoggerConfig
-from xpar.training.tracking import Tracker, wandb_labels, wandb_mode
+from xpar.training.tracking import LoadHistory, Tracker, wandb_labels, wandb_mode
 
 SENTINEL = "xpar-test-key-5f0c1e7a9b3d4c2e8f6a1b0c9d8e7f6a"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -101,6 +101,29 @@ def test_expert_load_heatmap(tmp_path):
     assert plt.get_fignums() == []  # no pyplot figures left open
     with pytest.raises(ValueError, match="layer_ids"):
         Tracker(tmp_path, LoggerConfig(), {}).log_expert_load(1, balanced, [1, 3])
+
+
+def test_load_history_stays_bounded_evenly_spaced_and_survives_a_resume(tmp_path):
+    history = LoadHistory(max_columns=8)
+    for step in range(10, 1010, 10):  # 100 logged steps
+        history.add(step, [[0.75, 0.25]])
+    history.add(1010, [])  # a dense model's empty load is not a column
+    assert 4 < len(history.steps) <= 8 and history.steps[0] == 10
+    gaps = np.diff(history.steps)
+    assert (gaps == gaps[0]).all()
+    assert history.loads[-1].tolist() == [[0.75, 0.25]]
+
+    tracker = Tracker(tmp_path, LoggerConfig(), {})
+    for step in (1, 2, 3):
+        tracker.log(step, {"loss": 1.0, "expert_load": [[step / 4, 1 - step / 4]]})
+    tracker.finish()
+    resumed = Tracker(tmp_path, LoggerConfig(), {}, resume_step=2)  # step 3 is redone
+    assert resumed._history.steps == [1, 2]
+    resumed.log(3, {"loss": 1.0, "expert_load": [[0.5, 0.5]]})
+    path = resumed.log_expert_load(3, np.array([[0.5, 0.5]]), [0])
+    resumed.finish()
+    assert resumed._history.steps == [1, 2, 3] and path.exists()
+    assert (tmp_path / "plots/expert_load_over_time.png").stat().st_size > 0
 
 
 def read_wandb_records(path: Path) -> list:

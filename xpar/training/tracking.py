@@ -17,7 +17,6 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from xpar.checks import UserError
 from xpar.config import LoggerConfig
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,22 @@ def _truncate_after(path: Path, step: int) -> int:
     return dropped
 
 
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records, line by line (a torn line skipped); [] without the file."""
+    if not path.exists():
+        return []
+    records = []
+    with path.open() as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
 def _max_over_mean(row: list[Any]) -> float | None:
     values = [v for v in row if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not values or sum(values) == 0:
@@ -106,6 +121,33 @@ def wandb_labels(
     return name, group, [t[:64] for t in dict.fromkeys(tags)]  # wandb: tags of <= 64 chars
 
 
+class LoadHistory:
+    """The expert load of logged training steps, for the heatmap over time. At most
+    `max_columns` steps are kept: past that, every other one is dropped and from then on only
+    every other logged step is taken, so a long run costs bounded memory and drawing time."""
+
+    def __init__(self, max_columns: int = 512) -> None:
+        self.max_columns = max_columns
+        self.steps: list[int] = []
+        self.loads: list[np.ndarray] = []  # [MoE layers, experts] each
+        self.stride, self._seen = 1, 0
+
+    def add(self, step: int, rows: Any) -> None:
+        if not isinstance(rows, list) or not rows:
+            return
+        self._seen += 1
+        if (self._seen - 1) % self.stride:
+            return
+        load_LE = np.array([[np.nan if v is None else v for v in row] for row in rows], np.float32)
+        if self.loads and load_LE.shape != self.loads[0].shape:
+            return
+        self.steps.append(step)
+        self.loads.append(load_LE)
+        if len(self.steps) > self.max_columns:
+            self.steps, self.loads = self.steps[::2], self.loads[::2]
+            self.stride *= 2
+
+
 class Tracker:
     """Writes each logged step to `run_dir/metrics.jsonl` (nan/inf are written as null) and,
     with `cfg.kind == "wandb"`, to a wandb run whose files live under `run_dir/wandb/`."""
@@ -129,6 +171,10 @@ class Tracker:
         metrics = self.run_dir / METRICS_FILE
         if resume_step is not None and (dropped := _truncate_after(metrics, resume_step)):
             log.info("dropped %d lines after step %d from %s", dropped, resume_step, metrics)
+        self._history = LoadHistory()
+        if resume_step is not None:  # the heatmap over time goes on from the earlier steps
+            for record in _read_records(metrics):
+                self._history.add(record["step"], record.get("expert_load"))
         self._file = metrics.open("a")
         if cfg.kind == "wandb":
             self._run = self._start_wandb(cfg, config)
@@ -177,6 +223,7 @@ class Tracker:
         record = {"step": int(step), **{k: _jsonable(v, k) for k, v in metrics.items()}}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        self._history.add(record["step"], record.get("expert_load"))
         if self._run is not None:
             self._run.log({"step": int(step), **self._wandb_scalars(record)}, step=int(step))
 
@@ -222,19 +269,15 @@ class Tracker:
         return path
 
     def _save_load_over_time(self) -> Path | None:
-        """`plots/expert_load_over_time.png`: every logged training step's expert load so far
-        (experts by steps, one panel per MoE layer), redrawn from metrics.jsonl."""
-        from xpar.report import expert_load_SLE, load_figure, read_metrics
+        """`plots/expert_load_over_time.png`: the expert load of the logged training steps so
+        far (experts by steps, one panel per MoE layer)."""
+        from xpar.report import load_figure
 
-        self._file.flush()
-        try:
-            steps_S, load_SLE = expert_load_SLE(read_metrics(self.run_dir)[0])
-        except UserError:  # no training step logged yet
-            return None
-        if not len(steps_S):
+        if not self._history.steps:
             return None
         path = self.run_dir / "plots" / "expert_load_over_time.png"
-        load_figure(steps_S, load_SLE).savefig(path, dpi=90)
+        steps_S = np.asarray(self._history.steps)
+        load_figure(steps_S, np.stack(self._history.loads)).savefig(path, dpi=90)
         return path
 
     def finish(self) -> None:
