@@ -40,7 +40,10 @@ def fail(message: str, error: Exception | None = None) -> None:
         raise error
     world, rank, _ = world_from_env()
     where = f"[rank {rank}] " if world > 1 else ""
-    print(f"xpar: error: {where}{message}", file=sys.stderr)
+    # One write of the whole line: ranks share torchrun's stderr, and print() writes the text
+    # and its newline separately, so two ranks' lines could run together.
+    sys.stderr.write(f"xpar: error: {where}{message}\n")
+    sys.stderr.flush()
     sys.exit(2)
 
 
