@@ -264,8 +264,9 @@ def fake_slurm(tmp_path: Path, nodes: int) -> dict[str, str]:
         "done\n"
         'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc\n'
     )
-    (bin_dir / "scontrol").write_text(
-        f"#!/usr/bin/env bash\nfor ((i = 0; i < {nodes}; i++)); do echo 127.0.0.1; done\n"
+    (bin_dir / "scontrol").write_text(  # slow, as on a big job: a reader that stops early
+        "#!/usr/bin/env bash\n"  # would kill it with SIGPIPE
+        f"for ((i = 0; i < {nodes}; i++)); do echo 127.0.0.1; sleep 0.2; done\n"
     )
     (bin_dir / "sbatch").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
     for f in bin_dir.iterdir():
