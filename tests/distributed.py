@@ -79,6 +79,12 @@ def torchrun(
     if monitor is not None:
         cmd += ["--monitor-interval", str(monitor)]
     cmd += ["--nproc_per_node", str(nproc), "-m", "xpar.train", *args]
+    return run_group(cmd, env, cwd, timeout)
+
+
+def run_group(cmd: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` in a session of its own; if it outlives `timeout`, kill it with everything it
+    started (torchrun's workers, a launch script's children) and fail."""
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -87,7 +93,7 @@ def torchrun(
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"torchrun {args} hung for {timeout} s") from None
+        raise AssertionError(f"{cmd} hung for {timeout} s") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

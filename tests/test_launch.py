@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_tool
+from distributed import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [
@@ -89,16 +90,7 @@ def records(tmp_path: Path) -> list[dict]:
 
 
 def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"{cmd} hung for {timeout} s") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_group(cmd, env, cwd, timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -3,10 +3,21 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(ValueError):
     """Bad input the user can fix (config, data, checkpoint, command line): the trainer reports
     it as one line, without a traceback."""
+
+
+def report_error(message: str) -> int:
+    """Write `xpar: error: MESSAGE` to stderr in one write (ranks may share the stream, and
+    print() writes the newline separately, so two ranks' lines could run together); returns
+    the exit code for bad input, 2."""
+    sys.stderr.write(f"xpar: error: {message}\n")
+    sys.stderr.flush()
+    return 2
 
 
 def at_least(name: str, value: float, low: float, *, strict: bool = False) -> None:

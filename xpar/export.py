@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from xpar.checks import UserError
+from xpar.checks import UserError, report_error
 from xpar.training import checkpoint as ckpt
 from xpar.training import zero_checkpoint as zc
 
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = export(args.checkpoint, args.out_dir)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(str(e))
     print(f"wrote {path / 'model.safetensors'} (and the optimizer state beside it)")
     return 0
 

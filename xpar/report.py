@@ -26,7 +26,7 @@ import yaml
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from xpar.checks import UserError
+from xpar.checks import UserError, report_error
 
 Record = dict[str, Any]
 MAX_LAYER_PANELS = 4  # more MoE layers than this: the mean over layers, then the first and last
@@ -48,6 +48,23 @@ class Section:
     note: str = ""
 
 
+def read_records(path: Path) -> list[Record]:
+    """The records of a metrics.jsonl, read line by line, in file order: a line that does not
+    parse (a torn last line) or has no integer `step` is skipped; [] without the file."""
+    if not path.is_file():
+        return []
+    records = []
+    with path.open(errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and type(record.get("step")) is int:
+                records.append(record)
+    return records
+
+
 def read_metrics(run_dir: Path) -> tuple[list[Record], list[Record]]:
     """Training and evaluation records of `run_dir/metrics.jsonl`, each sorted by step. Lines
     that do not parse (a torn last line) are skipped; a repeated step keeps its last line."""
@@ -58,13 +75,7 @@ def read_metrics(run_dir: Path) -> tuple[list[Record], list[Record]]:
         raise UserError(f"{path} not found; is {run_dir} the run dir of python -m xpar.train?")
     train: dict[int, Record] = {}
     evals: dict[int, Record] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict) or type(record.get("step")) is not int:
-            continue
+    for record in read_records(path):
         if "loss" in record:
             train[record["step"]] = record
         if "val_loss" in record:
@@ -395,8 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = write_report(args.run_dir, args.out)
     except UserError as e:
-        print(f"xpar: error: {e}", file=sys.stderr)
-        return 2
+        return report_error(str(e))
     print(index)
     return 0
 

@@ -25,8 +25,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from xpar.checks import UserError
-from xpar.config import register_configs, to_train_config
+from xpar.checks import UserError, report_error
+from xpar.config import TrainConfig, register_configs, to_train_config
 from xpar.parallel.mesh import check_layout, join_process_group, world_from_env
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -40,11 +40,7 @@ def fail(message: str, error: Exception | None = None) -> None:
         raise error
     world, rank, _ = world_from_env()
     where = f"[rank {rank}] " if world > 1 else ""
-    # One write of the whole line: ranks share torchrun's stderr, and print() writes the text
-    # and its newline separately, so two ranks' lines could run together.
-    sys.stderr.write(f"xpar: error: {where}{message}\n")
-    sys.stderr.flush()
-    sys.exit(2)
+    sys.exit(report_error(f"{where}{message}"))
 
 
 def check_overrides(overrides: list[str]) -> DictConfig | None:
@@ -66,12 +62,18 @@ def check_overrides(overrides: list[str]) -> DictConfig | None:
         GlobalHydra.instance().clear()
 
 
-def prepare_distributed(composed: DictConfig | None, overrides: list[str]) -> None:
-    """Under torchrun, before Hydra starts the job: check the layout on every rank (no
-    collective yet, so a bad one fails everywhere without a hang), join the process group,
-    and give every rank rank 0's run name (each rank would resolve ${now:...} itself)."""
-    from xpar.training.trainer import pick_device
+def join_checked(cfg: TrainConfig) -> None:
+    """Check the layout on every rank before any collective (a bad one then fails everywhere
+    without a hang), then join the job's process group on the rank's device."""
+    from xpar.training.trainer import pick_device  # torch-heavy; after parsing
 
+    check_layout(cfg.parallel, cfg.moe, world_from_env()[0])
+    join_process_group(pick_device(cfg.trainer.device), cfg.parallel.timeout_s)
+
+
+def prepare_distributed(composed: DictConfig | None, overrides: list[str]) -> None:
+    """Under torchrun, before Hydra starts the job: join (checked, see join_checked) and give
+    every rank rank 0's run name (each rank would resolve ${now:...} itself)."""
     if composed is None:
         fail("under torchrun, pass plain overrides only (no -m sweeps or Hydra flags)")
     HydraConfig.instance().set_config(composed)
@@ -80,11 +82,9 @@ def prepare_distributed(composed: DictConfig | None, overrides: list[str]) -> No
         del job["hydra"]
     try:
         cfg = to_train_config(job)
-        check_layout(cfg.parallel, cfg.moe, world_from_env()[0])
-        device = pick_device(cfg.trainer.device)
+        join_checked(cfg)
     except UserError as e:
         fail(str(e), e)
-    join_process_group(device, cfg.parallel.timeout_s)
     if not any(arg.startswith("run_name=") for arg in overrides):
         name = [cfg.run_name]
         dist.broadcast_object_list(name, src=0)
@@ -150,7 +150,7 @@ def launch_facts(world: int) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> None:
     """One job: check the config, write it resolved, train, print the final evaluation."""
-    from xpar.training.trainer import Trainer, TrainingDiverged, pick_device  # torch-heavy
+    from xpar.training.trainer import Trainer, TrainingDiverged  # torch-heavy; after parsing
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     export_submitit_tasks()
@@ -159,8 +159,7 @@ def run(cfg: DictConfig) -> None:
     try:
         train_cfg = to_train_config(cfg)
         if world > 1 and not dist.is_initialized():  # submitit's tasks join here
-            check_layout(train_cfg.parallel, train_cfg.moe, world)
-            join_process_group(pick_device(train_cfg.trainer.device), train_cfg.parallel.timeout_s)
+            join_checked(train_cfg)
         if world > 1:  # every rank's Hydra wrote .hydra/ first: then overwrite
             dist.barrier()
         if rank == 0:

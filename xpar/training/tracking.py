@@ -71,22 +71,6 @@ def _truncate_after(path: Path, step: int) -> int:
     return dropped
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records, line by line (a torn line skipped); [] without the file."""
-    if not path.exists():
-        return []
-    records = []
-    with path.open() as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                records.append(record)
-    return records
-
-
 def _max_over_mean(row: list[Any]) -> float | None:
     values = [v for v in row if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not values or sum(values) == 0:
@@ -173,7 +157,9 @@ class Tracker:
             log.info("dropped %d lines after step %d from %s", dropped, resume_step, metrics)
         self._history = LoadHistory()
         if resume_step is not None:  # the heatmap over time goes on from the earlier steps
-            for record in _read_records(metrics):
+            from xpar.report import read_records
+
+            for record in read_records(metrics):
                 self._history.add(record["step"], record.get("expert_load"))
         self._file = metrics.open("a")
         if cfg.kind == "wandb":
