@@ -170,6 +170,9 @@ class TrainerConfig:
     detect_anomaly: bool = False
     peak_tflops: float | None = None  # for MFU; None: looked up from the GPU's name
     progress: bool = True  # console progress bar
+    # Start from these weights (a model dir, a checkpoint, or a run's checkpoints): weights
+    # only, a new optimizer and schedule from step 0. None: fresh weights.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         at_least("trainer.max_steps", self.max_steps, 1)
@@ -187,6 +190,53 @@ class TrainerConfig:
             self.resume = self.resume.lower() == "true"
         if not isinstance(self.resume, bool | str) or self.resume == "":
             raise UserError(f"trainer.resume={self.resume!r} must be true, false or a path")
+        if self.init_from == "":
+            raise UserError("trainer.init_from='' must be a path (or null for fresh weights)")
+
+
+TASKS = ("lm", "classify", "tag")
+POOLINGS = ("last", "mean")
+
+
+@dataclass
+class TaskConfig:
+    """What the model is trained to do (`task=lm|classify|tag`): next-token prediction, one
+    label per sequence from the hidden states pooled at the last token or over all tokens, or
+    one label per token."""
+
+    kind: str = "lm"
+    pooling: str = "last"  # classify only
+
+    def __post_init__(self) -> None:
+        one_of("task.kind", self.kind, TASKS)
+        one_of("task.pooling", self.pooling, POOLINGS)
+
+
+FREEZE_POLICIES = ("all", "head", "experts", "router+head")
+MONITOR_MODES = ("min", "max")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning controls. `train` picks what trains (the rest is frozen): `all`, the task
+    (or LM) head alone, the routed experts and the head, or the routers and the head.
+    `monitor` is the validation metric for early stopping and the best model (None: val_loss
+    for lm, val_accuracy for classify, val_f1 for tag)."""
+
+    train: str = "all"
+    head_lr: float | None = None  # the head's learning rate; None: optim.lr
+    monitor: str | None = None
+    mode: str | None = None  # min | max; None: min for *loss, max otherwise
+    patience: int = 0  # evaluations without a new best before stopping; 0: never stop early
+    keep_best: bool = False  # write the best model to <run dir>/best (a model dir)
+
+    def __post_init__(self) -> None:
+        one_of("finetune.train", self.train, FREEZE_POLICIES)
+        if self.head_lr is not None:
+            at_least("finetune.head_lr", self.head_lr, 0.0, strict=True)
+        if self.mode is not None:
+            one_of("finetune.mode", self.mode, MONITOR_MODES)
+        at_least("finetune.patience", self.patience, 0)
 
 
 @dataclass
@@ -309,6 +359,8 @@ class TrainConfig:
     data: DataConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

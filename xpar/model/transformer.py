@@ -165,6 +165,22 @@ class MoETransformerLM(nn.Module):
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None) -> LMOutput:
         """Logits for every position, and the mean next-token loss when targets are given
         (targets are already shifted; -100 marks positions to ignore)."""
+        x_BSD, auxes = self.hidden_states(tokens_BS)
+        head_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits_BSV = F.linear(x_BSD, head_VD)
+        loss = None
+        if targets_BS is not None:
+            # fp32 so a bf16 model's loss is not rounded.
+            loss = F.cross_entropy(
+                logits_BSV.flatten(0, 1).float(), targets_BS.flatten(), ignore_index=-100
+            )
+        return LMOutput(
+            logits=logits_BSV, loss=loss, aux_loss=total_aux_loss(auxes, x_BSD), aux=auxes
+        )
+
+    def hidden_states(self, tokens_BS: Tensor) -> tuple[Tensor, list[MoEAux]]:
+        """The final-norm hidden states [B, S, D] (what the LM head and task heads read) and
+        the MoE layers' aux outputs."""
         seq_len = tokens_BS.shape[1]
         if seq_len > self.cfg.max_seq_len:
             raise ValueError(
@@ -177,20 +193,7 @@ class MoETransformerLM(nn.Module):
             x_BSD, aux = block(x_BSD, cos_SC, sin_SC)
             if aux is not None:
                 auxes.append(aux)
-        x_BSD = self.norm(x_BSD)
-        head_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits_BSV = F.linear(x_BSD, head_VD)
-        loss = None
-        if targets_BS is not None:
-            # fp32 so a bf16 model's loss is not rounded.
-            loss = F.cross_entropy(
-                logits_BSV.flatten(0, 1).float(), targets_BS.flatten(), ignore_index=-100
-            )
-        if auxes:
-            aux_loss = torch.stack([a.loss.float() for a in auxes]).sum()
-        else:
-            aux_loss = torch.zeros((), device=logits_BSV.device)
-        return LMOutput(logits=logits_BSV, loss=loss, aux_loss=aux_loss, aux=auxes)
+        return self.norm(x_BSD), auxes
 
     def moe_layers(self) -> list[MoELayer]:
         """The MoE FFNs in layer order (their layer indices are `cfg.moe_layer_ids()`)."""
@@ -215,6 +218,14 @@ class MoETransformerLM(nn.Module):
             if self.lm_head is not None:
                 n -= self.lm_head.weight.numel()
         return n
+
+
+def total_aux_loss(auxes: list[MoEAux], like: Tensor) -> Tensor:
+    """The sum of the MoE layers' weighted aux losses (fp32; a zero on `like`'s device when
+    the model has no MoE layer)."""
+    if not auxes:
+        return torch.zeros((), device=like.device)
+    return torch.stack([a.loss.float() for a in auxes]).sum()
 
 
 def _init_swiglu(mlp: SwiGLU, std: float, depth_scale: float) -> None:
