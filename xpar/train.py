@@ -9,6 +9,7 @@ checkpoints/step_N/. Bad input ends the run with one line on stderr and exit cod
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import sys
@@ -62,6 +63,31 @@ def check_overrides(overrides: list[str]) -> DictConfig | None:
         GlobalHydra.instance().clear()
 
 
+def adopt_init_architecture(job: DictConfig, overrides: list[str]) -> None:
+    """`trainer.init_from=PATH` makes the run take PATH's architecture (the `model` and `moe`
+    sections), so that fine-tuning an upcycled, imported or earlier model needs no model
+    flags. The command line's own `model.KEY=`/`moe.KEY=` values still win (routing knobs such
+    as moe.capacity_factor may change; shapes must match), and `model=NAME` turns it off."""
+    path = OmegaConf.select(job, "trainer.init_from")
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    if not path or "model" in keys:
+        return
+    from xpar.training.model_dir import read_model_info  # torch-heavy; after parsing
+
+    arch = dataclasses.asdict(read_model_info(path)[0])
+    moe = arch.pop("moe")
+    with open_dict(job):
+        for key, value in arch.items():
+            if f"model.{key}" not in keys:
+                job.model[key] = value
+        if moe is None or job.moe is None:
+            job.moe = moe
+        else:
+            for key, value in moe.items():
+                if f"moe.{key}" not in keys:
+                    job.moe[key] = value
+
+
 def join_checked(cfg: TrainConfig) -> None:
     """Check the layout on every rank before any collective (a bad one then fails everywhere
     without a hang), then join the job's process group on the rank's device."""
@@ -81,6 +107,7 @@ def prepare_distributed(composed: DictConfig | None, overrides: list[str]) -> No
     with open_dict(job):
         del job["hydra"]
     try:
+        adopt_init_architecture(job, overrides)
         cfg = to_train_config(job)
         join_checked(cfg)
     except UserError as e:
@@ -157,6 +184,7 @@ def run(cfg: DictConfig) -> None:
     quiet_other_ranks()
     world, rank, _ = world_from_env()
     try:
+        adopt_init_architecture(cfg, list(HydraConfig.get().overrides.task))
         train_cfg = to_train_config(cfg)
         if world > 1 and not dist.is_initialized():  # submitit's tasks join here
             join_checked(train_cfg)

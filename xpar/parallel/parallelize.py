@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from xpar.config import ParallelConfig
 from xpar.model import MoETransformerLM
+from xpar.model.trainable import apply_policy
 from xpar.moe import GroupedExperts, MoELayer
 from xpar.parallel.dispatcher import AllToAllDispatcher
 from xpar.parallel.mesh import Layout, Mesh
@@ -131,6 +132,9 @@ class ParallelModel:
         """Aux-loss-free balancing step in every layer that balances that way, from the load
         summed over all ranks (one all-reduce for all layers)."""
         layers = [m for m in self.module.moe_layers() if m.cfg.bias_update_rate > 0]
+        for frozen in [m for m in layers if not m.router.gate.weight.requires_grad]:
+            frozen.router.discard_load()  # a frozen router's balancing bias stays put too
+        layers = [m for m in layers if m.router.gate.weight.requires_grad]
         if not layers:
             return
         load_LE = self.all_reduce_sum(torch.stack([m.router.pending_load for m in layers]))
@@ -154,13 +158,14 @@ class ParallelModel:
 
 
 def parallelize(
-    model: MoETransformerLM, mesh: Mesh, cfg: ParallelConfig, ddp: bool = True
+    model: MoETransformerLM, mesh: Mesh, cfg: ParallelConfig, ddp: bool = True, train: str = "all"
 ) -> ParallelModel:
     """Apply expert and data parallelism to `model` (see the module docstring). A model built
     on the meta device is materialised on the mesh's device and initialised afterwards
     (init_weights draws every expert's weights from its global id, so EP size changes
     nothing); a materialised one keeps its weights, each rank taking its experts' slice.
-    `ddp=False` leaves gradient reduction to the caller (DeepSpeed)."""
+    `ddp=False` leaves gradient reduction to the caller (DeepSpeed). `train` is the
+    finetune.train policy: what it does not train is frozen before DDP sees the parameters."""
     layout = mesh.layout
     for layer in model.moe_layers():
         dedup = layer.cfg.router == "two_level" if cfg.dedup is None else cfg.dedup
@@ -176,4 +181,5 @@ def parallelize(
     if model.embed.weight.is_meta:
         model.to_empty(device=mesh.device)
         model.init_weights()
+    apply_policy(model, train)
     return ParallelModel(model, mesh, ddp=ddp)

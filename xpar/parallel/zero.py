@@ -27,8 +27,9 @@ from deepspeed.utils import groups
 from torch import nn
 
 from xpar.config import TrainConfig
+from xpar.model.trainable import head_names
 from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
-from xpar.training.optim import decay_split
+from xpar.training.optim import group_params
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +113,24 @@ def deepspeed_config(cfg: TrainConfig, micro: int, accum: int, world: int) -> di
     return config
 
 
-def optimizer_groups(module: nn.Module, weight_decay: float, ep_size: int) -> list[dict]:
-    """xpar.training.optim's decay and no-decay groups over the dense parameters, and a group
-    of their own for the expert banks (which decay), flagged `moe`: ZeRO partitions it over the
-    expert-data-parallel group."""
+def optimizer_groups(
+    module: nn.Module, weight_decay: float, ep_size: int, head_lr: float | None = None
+) -> list[dict]:
+    """xpar.training.optim's groups over the dense trainable parameters (the head's at
+    `head_lr` when given), and a group of their own for the expert banks (which decay),
+    flagged `moe`: ZeRO partitions it over the expert-data-parallel group."""
     experts = set(expert_parameter_names(module))
     named = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    decay, no_decay = decay_split([(n, p.shape) for n, p in named.items() if n not in experts])
-    groups_ = [
-        {"name": "dense_decay", "params": [named[n] for n in decay], "weight_decay": weight_decay},
-        {"name": "dense_no_decay", "params": [named[n] for n in no_decay], "weight_decay": 0.0},
+    dense = {n: p for n, p in named.items() if n not in experts}
+    groups_ = group_params(dense, head_names(module), weight_decay, head_lr)
+    groups_.append(
         {
             "name": expert_group_name(ep_size),
             "moe": True,
             "params": [named[n] for n in named if n in experts],
             "weight_decay": weight_decay,
-        },
-    ]
+        }
+    )
     return [g for g in groups_ if g["params"]]
 
 
@@ -174,7 +176,9 @@ def initialize(pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int):
         config["optimizer"]["params"]["fused"] = True
     engine, *_ = deepspeed.initialize(
         model=module,
-        model_parameters=optimizer_groups(module, cfg.optim.weight_decay, layout.ep_size),
+        model_parameters=optimizer_groups(
+            module, cfg.optim.weight_decay, layout.ep_size, cfg.finetune.head_lr
+        ),
         config=config,
         dist_init_required=False,
     )

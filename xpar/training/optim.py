@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from xpar.config import OptimConfig
+from xpar.model.trainable import head_names
 
 
 def decay_split(shapes: list[tuple[str, Sequence[int]]]) -> tuple[list[str], list[str]]:
@@ -17,21 +18,40 @@ def decay_split(shapes: list[tuple[str, Sequence[int]]]) -> tuple[list[str], lis
     return [n for n, s in shapes if len(s) >= 2], [n for n, s in shapes if len(s) < 2]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The two AdamW groups of decay_split, decaying first."""
+def param_groups(model: nn.Module, weight_decay: float, head_lr: float | None = None) -> list[dict]:
+    """The AdamW groups of the model's trainable parameters (see group_params)."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay, no_decay = decay_split([(n, p.shape) for n, p in named.items()])
-    return [
-        {"params": [named[n] for n in decay], "weight_decay": weight_decay},
-        {"params": [named[n] for n in no_decay], "weight_decay": 0.0},
-    ]
+    return group_params(named, head_names(model), weight_decay, head_lr)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters; fused kernels on CUDA unless told not to."""
+def group_params(
+    named: dict[str, nn.Parameter], head: set[str], weight_decay: float, head_lr: float | None
+) -> list[dict]:
+    """decay_split's decaying and non-decaying groups, in that order; with `head_lr`, the
+    parameters named in `head` form groups of their own at that learning rate. Empty groups
+    (everything in them frozen) are left out."""
+    head = head if head_lr is not None else set()
+    groups = []
+    for names, extra in (
+        ([n for n in named if n not in head], {}),
+        ([n for n in named if n in head], {"lr": head_lr}),
+    ):
+        decay, no_decay = decay_split([(n, named[n].shape) for n in names])
+        groups += [
+            {"params": [named[n] for n in decay], "weight_decay": weight_decay, **extra},
+            {"params": [named[n] for n in no_decay], "weight_decay": 0.0, **extra},
+        ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, head_lr: float | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters (the head at `head_lr` when given); fused
+    kernels on CUDA unless told not to."""
     fused = device.type == "cuda" if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        param_groups(model, cfg.weight_decay, head_lr),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

@@ -99,6 +99,12 @@ def load_state(
                 zc.load_same_layout(path, pm, engine)
                 load_scheduler(scheduler, ckpt.read_json(path / "scheduler.json"))
                 return ckpt.read_json(path / "trainer.json")
+            if not all(p.requires_grad for p in pm.module.parameters()):
+                raise UserError(
+                    f"{path} is a DeepSpeed checkpoint saved on {desc['world']} ranks at EP "
+                    f"{desc['ep_size']}; a run with frozen parameters (finetune.train) resumes "
+                    f"it only at that layout"
+                )
             ck = zc.read_as_plain(path)
             log.info(
                 "re-sharding %s (saved on %d ranks, EP %d)", path, desc["world"], desc["ep_size"]
