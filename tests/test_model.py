@@ -18,7 +18,6 @@ from xpar.model import (
     rope_cos_sin,
     summary,
 )
-from xpar.model.flops import _attention_params
 from xpar.moe import MoEConfig, MoELayer, SwiGLU
 
 
@@ -42,6 +41,10 @@ VARIANTS = {
     ),
     "dense": tiny(moe=None),
     "mha": tiny(n_kv_heads=4),
+    "qk_norm_head": tiny(qk_norm="head", attn_head_dim=32),
+    "qk_norm_full": tiny(qk_norm="full"),
+    "attn_bias": tiny(attn_bias=True),
+    "shared_gate": tiny(moe=tiny_moe(num_shared_experts=1, shared_expert_gate=True)),
 }
 
 
@@ -142,6 +145,9 @@ BAD = [
     (dict(first_k_dense=5), r"model\.first_k_dense=5 must be in \[0, n_layers=4\]"),
     (dict(first_k_dense=4), r"model\.first_k_dense=4 and model\.moe_every=1 leave no MoE"),
     (dict(moe_every=5), r"model\.first_k_dense=0 and model\.moe_every=5 leave no MoE"),
+    (dict(qk_norm="layer"), r"model\.qk_norm='layer' is not one of \['none', 'head', 'full'\]"),
+    (dict(attn_head_dim=15), r"model\.attn_head_dim=15 must be even"),
+    (dict(attn_head_dim=0), r"model\.attn_head_dim=0 must be >= 1"),
     (
         dict(moe=MoEConfig(d_model=32, d_ff=64, num_experts=8)),
         r"model\.moe\.d_model=32 does not match model\.d_model=64",
@@ -181,33 +187,17 @@ def test_published_param_counts():
     assert olmoe.active == pytest.approx(1.3e9, rel=0.10)
 
 
-def _mla_params(d, heads, q_lora, kv_lora, nope, rope, v_dim):
-    """DeepSeek multi-head latent attention params of one layer (q/kv down and up, norms, o)."""
-    q = (
-        d * heads * (nope + rope)
-        if q_lora is None
-        else d * q_lora + q_lora * (1 + heads * (nope + rope))
-    )
-    kv = d * (kv_lora + rope) + kv_lora * (1 + heads * (nope + v_dim))
-    return q + kv + heads * v_dim * d
-
-
 @pytest.mark.parametrize(
-    "name,mla,total,active",
-    [
-        ("deepseek_v3", _mla_params(7168, 128, 1536, 512, 128, 64, 128), 671e9, 37e9),
-        ("deepseek_v2_lite", _mla_params(2048, 16, None, 512, 128, 64, 128), 15.7e9, 2.4e9),
-    ],
+    "name,total,active", [("deepseek_v3", 671e9, 37e9), ("deepseek_v2_lite", 15.7e9, 2.4e9)]
 )
-def test_deepseek_counts_with_mla_attention(name, mla, total, active):
-    # The presets use GQA; swapping MLA's attention count back in must give the published
-    # numbers, which checks everything else. DeepSeek's "activated" leaves out the input
-    # embedding (the Mixtral/OLMoE figures, and ours, include it).
+def test_deepseek_presets_match_published_counts(name, total, active):
+    # DeepSeek's "activated" leaves out the input embedding (the Mixtral/OLMoE figures, and
+    # ours, include it).
     cfg = get_preset(name)
+    assert cfg.mla is not None
     p = count_params(cfg)
-    delta = cfg.n_layers * (mla - _attention_params(cfg))
-    assert p.total + delta == pytest.approx(total, rel=0.01)
-    assert p.active + delta - cfg.vocab_size * cfg.d_model == pytest.approx(active, rel=0.03)
+    assert p.total == pytest.approx(total, rel=0.01)
+    assert p.active - cfg.vocab_size * cfg.d_model == pytest.approx(active, rel=0.03)
 
 
 @pytest.mark.parametrize(
@@ -311,3 +301,103 @@ def test_matches_hf_mixtral():
         torch.testing.assert_close(
             ours(tokens_BS).logits, hf(tokens_BS).logits, atol=1e-5, rtol=1e-4
         )
+
+
+def test_attention_variant_state_dict_names():
+    names = set(MoETransformerLM(tiny(qk_norm="head", attn_bias=True)).state_dict())
+    assert {"layers.0.attn.q_norm.weight", "layers.0.attn.k_norm.weight"} <= names
+    assert {"layers.0.attn.wq.bias", "layers.0.attn.wk.bias", "layers.0.attn.wv.bias"} <= names
+    assert "layers.0.attn.wo.bias" not in names
+    model = MoETransformerLM(tiny(qk_norm="full", attn_head_dim=32))
+    assert model.layers[0].attn.q_norm.weight.shape == (4 * 32,)  # H * C
+    assert model.layers[0].attn.k_norm.weight.shape == (2 * 32,)  # G * C
+    assert model.layers[0].attn.wq.weight.shape == (128, 64)
+    assert MoETransformerLM(tiny(qk_norm="head")).layers[0].attn.q_norm.weight.shape == (16,)
+    gated = MoETransformerLM(tiny(moe=tiny_moe(num_shared_experts=1, shared_expert_gate=True)))
+    assert gated.state_dict()["layers.0.ffn.shared_gate.weight"].shape == (1, 64)
+
+
+def test_defaults_keep_state_dict_and_init():
+    """The new options off: the same names and, from one seed, the same weights as before."""
+    names = set(MoETransformerLM(tiny()).state_dict())
+    assert not any("norm.weight" in n and "attn." in n for n in names)
+    assert not any(n.endswith(".bias") or "shared_gate" in n for n in names)
+    torch.manual_seed(0)
+    default = MoETransformerLM(tiny()).state_dict()
+    torch.manual_seed(0)
+    explicit = MoETransformerLM(
+        tiny(
+            qk_norm="none",
+            attn_bias=False,
+            attn_head_dim=16,
+            moe=tiny_moe(shared_expert_gate=False),
+        )
+    ).state_dict()
+    assert default.keys() == explicit.keys()
+    assert all(torch.equal(default[k], explicit[k]) for k in default)
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_qk_norm_makes_attention_blind_to_q_and_k_scale(qk_norm):
+    """RMS-normalised q and k: scaling wq and wk leaves the output unchanged (up to eps)."""
+    model = MoETransformerLM(tiny(qk_norm=qk_norm, norm_eps=1e-12, n_layers=1)).eval()
+    tokens_BS = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        before = model(tokens_BS).logits
+        model.layers[0].attn.wq.weight.mul_(7.0)
+        model.layers[0].attn.wk.weight.mul_(0.3)
+        after = model(tokens_BS).logits
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+        plain = MoETransformerLM(tiny(n_layers=1)).eval()
+        plain.load_state_dict(model.state_dict(), strict=False)
+        assert not torch.allclose(plain(tokens_BS).logits, before, atol=1e-4)
+
+
+def test_qk_norm_head_normalises_each_head_before_rotary():
+    cfg = tiny(qk_norm="head", n_layers=1)
+    attn = MoETransformerLM(cfg).layers[0].attn
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(torch.linspace(0.5, 2.0, 16))
+        attn.k_norm.weight.copy_(torch.linspace(2.0, 0.5, 16))
+    x_BSD = torch.randn(1, 5, 64)
+    cos_SC, sin_SC = rope_cos_sin(16, 5, cfg.rope_theta)
+
+    def per_head(x_BSX, n, norm):
+        x_BSNC = x_BSX.view(1, 5, n, 16)
+        x_BSNC = x_BSNC * torch.rsqrt(x_BSNC.square().mean(-1, keepdim=True) + cfg.norm_eps)
+        return apply_rotary((x_BSNC * norm.weight).transpose(1, 2), cos_SC, sin_SC)
+
+    q_BHSC = per_head(attn.wq(x_BSD), 4, attn.q_norm)
+    k_BGSC = per_head(attn.wk(x_BSD), 2, attn.k_norm)
+    v_BGSC = attn.wv(x_BSD).view(1, 5, 2, 16).transpose(1, 2)
+    o_BHSC = F.scaled_dot_product_attention(q_BHSC, k_BGSC, v_BGSC, is_causal=True, enable_gqa=True)
+    expected = attn.wo(o_BHSC.transpose(1, 2).reshape(1, 5, 64))
+    torch.testing.assert_close(attn(x_BSD, cos_SC, sin_SC), expected)
+
+
+def test_shared_expert_gate_scales_shared_expert():
+    cfg = tiny_moe(num_shared_experts=1, shared_expert_gate=True)
+    layer = MoELayer(cfg)
+    ungated = MoELayer(dataclasses.replace(cfg, shared_expert_gate=False))
+    ungated.load_state_dict(layer.state_dict(), strict=False)
+    x_TD = torch.randn(10, 64)
+    with torch.no_grad():
+        routed_TD = ungated(x_TD)[0] - ungated.shared_expert(x_TD)
+        gate_T1 = torch.sigmoid(x_TD @ layer.shared_gate.weight.T)
+        expected = routed_TD + gate_T1 * layer.shared_expert(x_TD)
+        torch.testing.assert_close(layer(x_TD)[0], expected)
+
+
+def test_shared_expert_gate_needs_a_shared_expert():
+    with pytest.raises(
+        ValueError, match=r"moe\.shared_expert_gate=True .*moe\.num_shared_experts=0"
+    ):
+        tiny_moe(shared_expert_gate=True)
+
+
+def test_olmoe_preset_has_full_qk_norm():
+    cfg = get_preset("olmoe_1b_7b")
+    assert cfg.qk_norm == "full"
+    # q_norm [H*C] + k_norm [G*C] on every layer: 2 * 2048 a layer (MHA).
+    no_norm = count_params(dataclasses.replace(cfg, qk_norm="none"))
+    assert count_params(cfg).total - no_norm.total == 16 * 2 * 2048

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from xpar.checks import at_least
+from xpar.checks import at_least, one_of
+from xpar.model.mla import MLAConfig
 from xpar.moe import MoEConfig
+
+QK_NORMS = ("none", "head", "full")
 
 
 def _at_least(field: str, value: float, low: float, *, strict: bool = False) -> None:
@@ -22,6 +25,10 @@ class ModelConfig:
     and `(i - first_k_dense) % moe_every == moe_every - 1`; every other layer is dense. So
     `moe_every=1` makes every layer after the first `first_k_dense` MoE (Mixtral, DeepSeek),
     and `moe_every=2` the last of each pair (layers 1, 3, 5, ... as in GShard/Switch).
+
+    QK norm (before rotary, eps `norm_eps`): `qk_norm="head"` normalises each head's q and k
+    over its C dims with one weight [C] shared by all heads (Qwen3-MoE); `"full"` normalises
+    the whole q projection [H*C] and the whole k projection [G*C] (OLMoE).
     """
 
     vocab_size: int
@@ -38,6 +45,12 @@ class ModelConfig:
     moe_every: int = 1
     first_k_dense: int = 0
     init_std: float = 0.02
+    # Attention variants of HF MoE families; the defaults are Llama/Mixtral attention.
+    attn_head_dim: int | None = None  # per-head dim; None: d_model // n_heads (Qwen3-MoE: 128)
+    qk_norm: str = "none"  # RMSNorm on q and k before rotary: none | head | full (see Attention)
+    attn_bias: bool = False  # biases on the q, k, v projections (Qwen2-MoE); never on o
+    # Multi-head latent attention (DeepSeek-V2/V3) in place of GQA; see xpar.model.mla.
+    mla: MLAConfig | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -50,11 +63,23 @@ class ModelConfig:
         _at_least("rope_theta", self.rope_theta, 0.0, strict=True)
         _at_least("norm_eps", self.norm_eps, 0.0, strict=True)
         _at_least("init_std", self.init_std, 0.0, strict=True)
-        if self.d_model % self.n_heads:
+        one_of("model.qk_norm", self.qk_norm, QK_NORMS)
+        if isinstance(self.mla, dict):  # a config section (dataclasses.asdict, JSON)
+            self.mla = MLAConfig(**self.mla)
+        if self.mla is not None:
+            self._check_mla()
+        elif self.attn_head_dim is not None:
+            _at_least("attn_head_dim", self.attn_head_dim, 1)
+            if self.attn_head_dim % 2:
+                raise ValueError(
+                    f"model.attn_head_dim={self.attn_head_dim} must be even for rotary embeddings"
+                )
+        elif self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+                f" (or set model.attn_head_dim)"
             )
-        if self.head_dim % 2:
+        elif self.head_dim % 2:
             raise ValueError(
                 f"model.d_model={self.d_model} / model.n_heads={self.n_heads} = head dim "
                 f"{self.head_dim} must be even for rotary embeddings"
@@ -71,6 +96,27 @@ class ModelConfig:
         if self.moe is not None:
             self._check_moe(self.moe)
 
+    def _check_mla(self) -> None:
+        """MLA has its own head dims and one latent for keys and values: the GQA options
+        must stay at their defaults."""
+        gqa_options = {
+            "n_kv_heads": (self.n_kv_heads, self.n_heads, "unset"),
+            "attn_head_dim": (self.attn_head_dim, None, "unset"),
+            "qk_norm": (self.qk_norm, "none", "'none'"),
+            "attn_bias": (self.attn_bias, False, "False"),
+        }
+        for name, (value, default, hint) in gqa_options.items():
+            if value != default:
+                raise ValueError(
+                    f"model.{name}={value!r} does not apply to multi-head latent attention "
+                    f"(model.mla is set); leave it {hint}"
+                )
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims each rotary table covers: the head dim, or MLA's rotary part."""
+        return self.head_dim if self.mla is None else self.mla.qk_rope_head_dim
+
     def _check_moe(self, moe: MoEConfig) -> None:
         if moe.d_model != self.d_model:
             raise ValueError(
@@ -85,7 +131,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """Per-head q/k/v dim C: `attn_head_dim`, or d_model // n_heads when that is None."""
+        return self.attn_head_dim or self.d_model // self.n_heads
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer i holds an MoE FFN (see the class docstring for the rule)."""
@@ -157,7 +204,7 @@ def mixtral_8x7b() -> ModelConfig:
 
 
 def olmoe_1b_7b() -> ModelConfig:
-    """OLMoE-1B-7B (6.9B total, 1.3B active), without its QK-norm (2 * d_model params a layer)."""
+    """OLMoE-1B-7B (6.9B total, 1.3B active): full-width QK norm, no shared experts."""
     moe = MoEConfig(
         d_model=2048,
         d_ff=1024,
@@ -179,14 +226,16 @@ def olmoe_1b_7b() -> ModelConfig:
         norm_eps=1e-5,
         tie_embeddings=False,
         moe=moe,
+        qk_norm="full",
     )
 
 
 def deepseek_v3() -> ModelConfig:
-    """DeepSeek-V3-shaped (the original has 671B params, 37B active), with two departures:
-    GQA (128 query heads of dim 56, 8 KV heads) replaces multi-head latent attention, and
-    the multi-token-prediction module is left out. Max seq len is the 4K of pretraining;
-    aux_loss_coef is the sequence-wise balance loss weight, applied here per batch."""
+    """DeepSeek-V3 (671B params, 37B active): multi-head latent attention (128 heads, query
+    rank 1536, KV rank 512, rope dim 64), group-limited sigmoid routing over 256 experts plus a
+    shared one, the first 3 layers dense. The multi-token-prediction module is left out. Max
+    seq len is the 4K of pretraining (no YaRN); aux_loss_coef is the sequence-wise balance
+    loss weight, applied here per batch."""
     moe = MoEConfig(
         d_model=7168,
         d_ff=2048,
@@ -211,7 +260,7 @@ def deepseek_v3() -> ModelConfig:
         d_model=7168,
         n_layers=61,
         n_heads=128,
-        n_kv_heads=8,
+        mla=MLAConfig(),
         d_ff=18432,
         max_seq_len=4096,
         rope_theta=1e4,
@@ -224,9 +273,9 @@ def deepseek_v3() -> ModelConfig:
 
 
 def deepseek_v2_lite() -> ModelConfig:
-    """DeepSeek-V2-Lite-shaped (the original has 15.7B params, 2.4B active), with plain
-    multi-head attention (16 heads of dim 128) in place of multi-head latent attention.
-    Max seq len is the 4K of pretraining, before YaRN extension."""
+    """DeepSeek-V2-Lite (15.7B params, 2.4B active): multi-head latent attention (16 heads,
+    no query compression, KV rank 512, rope dim 64), 64 routed experts plus 2 shared, the
+    first layer dense. Max seq len is the 4K of pretraining, before YaRN extension."""
     moe = MoEConfig(
         d_model=2048,
         d_ff=1408,
@@ -243,6 +292,7 @@ def deepseek_v2_lite() -> ModelConfig:
         d_model=2048,
         n_layers=27,
         n_heads=16,
+        mla=MLAConfig(q_lora_rank=None),
         d_ff=10944,
         max_seq_len=4096,
         rope_theta=1e4,

@@ -27,8 +27,17 @@ class ParamCount:
 
 
 def _attention_params(cfg: ModelConfig) -> int:
+    if cfg.mla is not None:
+        return cfg.mla.num_params(cfg.d_model, cfg.n_heads)
     d_q, d_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return cfg.d_model * d_q + 2 * cfg.d_model * d_kv + d_q * cfg.d_model  # wq, wk, wv, wo
+    n = cfg.d_model * d_q + 2 * cfg.d_model * d_kv + d_q * cfg.d_model  # wq, wk, wv, wo
+    if cfg.attn_bias:
+        n += d_q + 2 * d_kv
+    if cfg.qk_norm == "head":
+        n += 2 * cfg.head_dim
+    elif cfg.qk_norm == "full":
+        n += d_q + d_kv
+    return n
 
 
 def _moe_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -39,7 +48,7 @@ def _moe_params(cfg: ModelConfig) -> tuple[int, int]:
     if moe.router == "two_level" and moe.group_score == "learned":
         router += moe.num_groups * d
     expert = 3 * d * moe.d_ff  # w1, w3, w2
-    shared = 3 * d * moe.shared_hidden
+    shared = 3 * d * moe.shared_hidden + (d if moe.shared_expert_gate else 0)
     return router + moe.num_experts * expert + shared, router + moe.top_k * expert + shared
 
 
@@ -61,19 +70,22 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token, PaLM-style (Chowdhery et al. 2022, app. B):
 
-        6 * N + 6 * d_model * vocab + 12 * n_layers * d_model * seq_len
+        6 * N + 6 * d_model * vocab + 12 * n_layers * (n_heads * head_dim) * seq_len
 
     N is the active non-embedding parameter count (each weight a token passes through costs
     2 FLOPs forward and 4 backward); the LM head matmul is counted on its own, whether tied or
     not, and the embedding lookup costs nothing. The last term is attention's QK^T and AV over
-    the full S x S score matrix (n_heads * head_dim = d_model); like PaLM it does not halve for
-    the causal mask, so MFU figures compare with PaLM/Megatron ones.
+    the full S x S score matrix (n_heads * head_dim is d_model unless `attn_head_dim` is
+    set); like PaLM it does not halve for the causal mask, so MFU figures compare with
+    PaLM/Megatron ones.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
     n = count_params(cfg).active_non_embedding
-    d = cfg.d_model
-    return 6.0 * n + 6.0 * d * cfg.vocab_size + 12.0 * cfg.n_layers * d * seq_len
+    d, d_q = cfg.d_model, cfg.n_heads * cfg.head_dim
+    if cfg.mla is not None:  # QK^T is over C = N + R dims a head, AV over U: their mean
+        d_q = cfg.n_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim) / 2
+    return 6.0 * n + 6.0 * d * cfg.vocab_size + 12.0 * cfg.n_layers * d_q * seq_len
 
 
 def _human(n: float) -> str:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xpar.model.config import ModelConfig
+from xpar.model.mla import MLAttention
 from xpar.moe import MoEAux, MoELayer, SwiGLU
 
 
@@ -72,21 +73,38 @@ def apply_rotary(x_BHSC: Tensor, cos_SC: Tensor, sin_SC: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with rotary positions on q and k."""
+    """Causal grouped-query self-attention with rotary positions on q and k, optionally
+    RMS-normalised before rotary (`cfg.qk_norm`) and with q/k/v biases (`cfg.attn_bias`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         d_q, d_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, d_q, bias=False)
-        self.wk = nn.Linear(cfg.d_model, d_kv, bias=False)
-        self.wv = nn.Linear(cfg.d_model, d_kv, bias=False)
+        self.wq = nn.Linear(cfg.d_model, d_q, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.d_model, d_kv, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.d_model, d_kv, bias=cfg.attn_bias)
         self.wo = nn.Linear(d_q, cfg.d_model, bias=False)
+        # Registered only when used, so models without QK norm keep their state-dict names.
+        self.qk_norm = cfg.qk_norm
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(d_q, cfg.norm_eps)
+            self.k_norm = RMSNorm(d_kv, cfg.norm_eps)
 
     def forward(self, x_BSD: Tensor, cos_SC: Tensor, sin_SC: Tensor) -> Tensor:
         B, S, _ = x_BSD.shape
-        q_BHSC = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGSC = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BSX, k_BSY = self.wq(x_BSD), self.wk(x_BSD)  # X = H*C, Y = G*C
+        if self.qk_norm == "full":
+            q_BSX, k_BSY = self.q_norm(q_BSX), self.k_norm(k_BSY)
+        q_BSHC = q_BSX.view(B, S, self.n_heads, self.head_dim)
+        k_BSGC = k_BSY.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q_BSHC, k_BSGC = self.q_norm(q_BSHC), self.k_norm(k_BSGC)
+        q_BHSC, k_BGSC = q_BSHC.transpose(1, 2), k_BSGC.transpose(1, 2)
         v_BGSC = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSC = apply_rotary(q_BHSC, cos_SC, sin_SC)
         k_BGSC = apply_rotary(k_BGSC, cos_SC, sin_SC)
@@ -102,7 +120,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = MLAttention(cfg) if cfg.mla else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn: MoELayer | SwiGLU
         self.ffn = MoELayer(cfg.moe) if moe else SwiGLU(cfg.d_model, cfg.d_ff)
@@ -151,15 +169,16 @@ class MoETransformerLM(nn.Module):
         for block in self.layers:
             block.attn_norm.weight.fill_(1.0)
             block.ffn_norm.weight.fill_(1.0)
-            for w in (block.attn.wq, block.attn.wk, block.attn.wv):
-                nn.init.normal_(w.weight, std=std)
-            nn.init.normal_(block.attn.wo.weight, std=std * depth_scale)
+            if isinstance(block.attn, MLAttention):
+                block.attn.reset_parameters(std, out_std=std * depth_scale)
+            else:
+                _init_attention(block.attn, std, depth_scale)
             if isinstance(block.ffn, MoELayer):
                 _init_moe(block.ffn, block.ffn.cfg.init_std, depth_scale)
             else:
                 _init_swiglu(block.ffn, std, depth_scale)
         device = self.embed.weight.device
-        cos_SC, sin_SC = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos_SC, sin_SC = rope_cos_sin(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta)
         self.rope_cos, self.rope_sin = cos_SC.to(device), sin_SC.to(device)
 
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None) -> LMOutput:
@@ -228,6 +247,17 @@ def total_aux_loss(auxes: list[MoEAux], like: Tensor) -> Tensor:
     return torch.stack([a.loss.float() for a in auxes]).sum()
 
 
+def _init_attention(attn: Attention, std: float, depth_scale: float) -> None:
+    for w in (attn.wq, attn.wk, attn.wv):
+        nn.init.normal_(w.weight, std=std)
+        if w.bias is not None:
+            w.bias.zero_()
+    nn.init.normal_(attn.wo.weight, std=std * depth_scale)
+    for norm in (attn.q_norm, attn.k_norm):
+        if norm is not None:
+            norm.weight.fill_(1.0)
+
+
 def _init_swiglu(mlp: SwiGLU, std: float, depth_scale: float) -> None:
     nn.init.normal_(mlp.w1.weight, std=std)
     nn.init.normal_(mlp.w3.weight, std=std)
@@ -244,3 +274,5 @@ def _init_moe(layer: MoELayer, std: float, depth_scale: float) -> None:
     layer.experts.reset_parameters(std, out_std=std * depth_scale)
     if layer.shared_expert is not None:
         _init_swiglu(layer.shared_expert, std, depth_scale)
+    if layer.shared_gate is not None:
+        nn.init.normal_(layer.shared_gate.weight, std=std)

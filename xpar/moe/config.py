@@ -62,6 +62,7 @@ class MoEConfig:
     # experts
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x @ g) (Qwen2-MoE)
     experts_impl: str = "auto"
     init_std: float = 0.02
 
@@ -95,6 +96,11 @@ class MoEConfig:
             )
         if self.shared_d_ff is not None:
             _at_least("shared_d_ff", self.shared_d_ff, 1)
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError(
+                "moe.shared_expert_gate=True gates the shared expert, but "
+                "moe.num_shared_experts=0; set moe.num_shared_experts >= 1 or drop the gate"
+            )
         if self.router == "two_level":
             self._check_groups()
 

@@ -50,6 +50,11 @@ class MoELayer(nn.Module):
             self.shared_expert = SwiGLU(cfg.d_model, cfg.shared_hidden)
             for p in self.shared_expert.parameters():
                 nn.init.normal_(p, std=cfg.init_std)
+        # Qwen2-MoE's per-token scalar gate on the shared expert: sigmoid(x @ g), g [1, D].
+        self.shared_gate = None
+        if cfg.shared_expert_gate:
+            self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
+            nn.init.normal_(self.shared_gate.weight, std=cfg.init_std)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         x_TD = x.reshape(-1, self.cfg.d_model)
@@ -67,7 +72,10 @@ class MoELayer(nn.Module):
         y_MD = self.experts(x_MD, rows_per_expert_E)
         out_TD = self.dispatcher.combine(y_MD, ctx).to(x.dtype)
         if self.shared_expert is not None:
-            out_TD = out_TD + self.shared_expert(x_TD)
+            shared_TD = self.shared_expert(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = self.shared_gate(x_TD).sigmoid() * shared_TD
+            out_TD = out_TD + shared_TD
         aux = MoEAux(
             loss=self.cfg.aux_loss_coef * aux_loss + self.cfg.z_loss_coef * r.z_loss,
             aux_loss=aux_loss,

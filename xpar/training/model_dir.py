@@ -21,6 +21,8 @@ import shutil
 import sys
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,44 @@ def model_config_from_dict(data: dict[str, Any], where: str = "model config") ->
 # ---- writing -------------------------------------------------------------------------------
 
 
+def check_out_dir(out: Path, overwrite: bool = False) -> None:
+    """Refuse an output path that is a file, or a non-empty dir unless `overwrite`, before any
+    work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; pick another output dir")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} is not empty; pick a new output dir (nothing was written)")
+
+
+@contextmanager
+def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temp dir beside `out` to write into; on success it is fsynced and renamed to `out`
+    (an existing `out` is moved aside first and deleted after), on failure removed, so `out`
+    is never half-written."""
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        ckpt.fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    aside = None
+    if out.exists():
+        aside = out.parent / f".old-{out.name}-{os.getpid()}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(out, aside)
+    os.replace(tmp, out)
+    ckpt.fsync(out.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def write_model_dir(
     out: Path,
     state: dict[str, Tensor],
@@ -103,11 +143,6 @@ def write_model_dir(
 ) -> Path:
     """Write a model dir at `out` atomically and return its path. A non-empty `out` is refused
     unless `overwrite` (then it is replaced whole, never left half-written)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory; pick another output dir")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} is not empty; pick a new output dir (nothing was written)")
     info = {
         "format_version": FORMAT_VERSION,
         "model": model_config_to_dict(model),
@@ -116,41 +151,22 @@ def write_model_dir(
         "source": source,
     }
     info_bytes = ckpt.json_bytes(info, "model info")  # fails before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out, overwrite) as tmp:
         ckpt.write_file(tmp / WEIGHTS, ckpt.to_cpu(state))
         if tokenizer is not None:
             save_tokenizer(str(tokenizer), tmp / TOKENIZER)
         ckpt.write_file(tmp / INFO, info_bytes)
-        ckpt.fsync(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _swap_into_place(tmp, out)
-    return out
+    return Path(out)
 
 
-def save_tokenizer(name: str, out: Path) -> None:
-    """Copy a tokenizer (a local dir, a hub name or `byt5`) into `out` with transformers."""
+def save_tokenizer(name: str, out: Path) -> Any:
+    """Copy a tokenizer (a local dir, a hub name or `byt5`) into `out` with transformers, and
+    return it."""
     from xpar.data.hf_text import load_tokenizer  # transformers; only with a tokenizer
 
-    load_tokenizer(name, model_vocab=sys.maxsize).save_pretrained(out)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is moved aside first and deleted after."""
-    aside = None
-    if out.exists():
-        aside = out.parent / f".old-{out.name}-{os.getpid()}"
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(out, aside)
-    os.replace(tmp, out)
-    ckpt.fsync(out.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+    tokenizer = load_tokenizer(name, model_vocab=sys.maxsize)
+    tokenizer.save_pretrained(out)
+    return tokenizer
 
 
 # ---- reading -------------------------------------------------------------------------------
