@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from xpar.checks import UserError
 from xpar.config import ParallelConfig, TaskConfig
 from xpar.model import MoETransformerLM, get_preset
+from xpar.model.mla import MLAConfig
 from xpar.model.trainable import apply_policy, head_names, routers_frozen, trainable_names
 from xpar.parallel.mesh import init_mesh
 from xpar.parallel.parallelize import parallelize
@@ -179,3 +180,19 @@ def test_run_adopts_the_weights_architecture(tmp_path):
     adopt_init_architecture(job, ["model=tiny", "model.d_model=32"])
     assert job.model.d_model == 32  # model=NAME: the run keeps its own architecture
     assert architecture_changes(source.cfg, source.cfg) == []
+
+
+def test_run_adopts_multi_head_latent_attention(tmp_path):
+    cfg = dataclasses.replace(
+        get_preset("tiny"),
+        n_kv_heads=None,
+        mla=MLAConfig(
+            q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8
+        ),
+    )
+    write_model_dir(tmp_path / "m", MoETransformerLM(cfg).state_dict(), cfg)
+    job = compose_job([f"trainer.init_from={tmp_path / 'm'}"])
+    assert job.model.mla is None
+    adopt_init_architecture(job, [f"trainer.init_from={tmp_path / 'm'}"])
+    assert job.model.mla.kv_lora_rank == 16
+    assert read_model_info(tmp_path / "m")[0] == cfg

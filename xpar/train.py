@@ -76,16 +76,14 @@ def adopt_init_architecture(job: DictConfig, overrides: list[str]) -> None:
 
     arch = dataclasses.asdict(read_model_info(path)[0])
     moe = arch.pop("moe")
+    # merge_with, not assignment: OmegaConf 2.3 refuses a dict assigned over a None dataclass
+    # node (model.mla, moe).
     with open_dict(job):
-        for key, value in arch.items():
-            if f"model.{key}" not in keys:
-                job.model[key] = value
-        if moe is None or job.moe is None:
-            job.moe = moe
+        job.model.merge_with({k: v for k, v in arch.items() if f"model.{k}" not in keys})
+        if moe is None:
+            job.moe = None
         else:
-            for key, value in moe.items():
-                if f"moe.{key}" not in keys:
-                    job.moe[key] = value
+            job.merge_with({"moe": {k: v for k, v in moe.items() if f"moe.{k}" not in keys}})
 
 
 def join_checked(cfg: TrainConfig) -> None:
