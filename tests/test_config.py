@@ -24,7 +24,10 @@ GROUPS = [
     "experiment",
     "debug",
 ]
-EXTRA = {"data=hf_text": ["data.path=text", "data.tokenizer=byt5"]}
+EXTRA = {
+    "data=hf_text": ["data.path=text", "data.tokenizer=byt5"],
+    "data=hf_labels": ["data.path=csv", "data.tokenizer=byt5", "task=classify"],  # labelled
+}
 
 
 REFUSED = {"deepspeed=zero3"}  # a one-line refusal (tests/test_zero.py)

@@ -112,6 +112,39 @@ class HFTextDataConfig(DataConfig):
             at_least("data.num_proc", self.num_proc, 1)
 
 
+@dataclass
+class HFLabelsDataConfig(DataConfig):
+    """Labelled examples through Hugging Face `datasets` for task=classify|tag: a hub name or a
+    builder (csv, json, parquet) reading `data_files` (and `val_files` for validation; else
+    `val_split`, else `val_fraction` held out). classify reads `text_column` and
+    `label_column`; tag reads a list of words (`tokens_column`) and a list of tags
+    (`tags_column`), the tag on each word's first sub-token. Examples longer than seq_len
+    tokens are truncated."""
+
+    kind: str = "hf_labels"
+    path: str = MISSING
+    config_name: str | None = None
+    data_files: list[str] | None = None
+    val_files: list[str] | None = None
+    split: str = "train"
+    val_split: str | None = None
+    val_fraction: float = 0.1
+    text_column: str = "text"
+    label_column: str = "label"
+    tokens_column: str = "tokens"
+    tags_column: str = "tags"
+    tokenizer: str = MISSING
+    num_proc: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.num_proc is not None:
+            at_least("data.num_proc", self.num_proc, 1)
+
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -211,6 +244,20 @@ class TaskConfig:
         one_of("task.kind", self.kind, TASKS)
         one_of("task.pooling", self.pooling, POOLINGS)
 
+    def metrics(self, floor: bool = False) -> tuple[str, ...]:
+        """The validation metrics an evaluation logs (val_gap: the LM on the embedded corpus,
+        whose entropy floor is known)."""
+        if self.kind == "lm":
+            return ("val_loss", "val_gap") if floor else ("val_loss",)
+        return TASK_METRICS[self.kind]
+
+
+TASK_METRICS = {
+    "classify": ("val_loss", "val_accuracy", "val_macro_f1"),
+    "tag": ("val_loss", "val_precision", "val_recall", "val_f1"),
+}
+DEFAULT_MONITOR = {"lm": "val_loss", "classify": "val_accuracy", "tag": "val_f1"}
+
 
 FREEZE_POLICIES = ("all", "head", "experts", "router+head")
 MONITOR_MODES = ("min", "max")
@@ -237,6 +284,18 @@ class FinetuneConfig:
         if self.mode is not None:
             one_of("finetune.mode", self.mode, MONITOR_MODES)
         at_least("finetune.patience", self.patience, 0)
+
+    def monitored(self, task: TaskConfig, floor: bool) -> tuple[str, str]:
+        """(metric, min|max) that early stopping and the best model follow."""
+        metric = self.monitor or DEFAULT_MONITOR[task.kind]
+        valid = task.metrics(floor)
+        if metric not in valid:
+            raise UserError(
+                f"finetune.monitor={metric!r} is not a metric of task={task.kind}; valid: "
+                f"{', '.join(valid)}"
+            )
+        lower = metric.endswith(("loss", "gap"))
+        return metric, self.mode or ("min" if lower else "max")
 
 
 @dataclass
@@ -381,6 +440,28 @@ class TrainConfig:
         vocab = getattr(self.data, "vocab_size", None)
         if vocab is not None and vocab > model.vocab_size:
             raise UserError(f"data.vocab_size={vocab} exceeds model.vocab_size={model.vocab_size}")
+        self._check_task()
+
+    def _check_task(self) -> None:
+        """The task must fit the data: labelled data (data=hf_labels) only for a task head, plain
+        text only for the LM; the embedded corpus serves all three."""
+        kind, data = self.task.kind, self.data
+        if kind == "lm" and isinstance(data, HFLabelsDataConfig):
+            raise UserError(
+                "data=hf_labels holds labelled examples for task=classify|tag, not text for "
+                "task=lm; use data=hf_text for a language model"
+            )
+        if kind != "lm" and not isinstance(data, SyntheticDataConfig | HFLabelsDataConfig):
+            raise UserError(
+                f"task={kind} needs labelled data: data=synthetic (the embedded corpus) or "
+                f"data=hf_labels, not data={data.kind}"
+            )
+        if kind == "classify" and isinstance(data, SyntheticDataConfig) and data.num_domains < 2:
+            raise UserError(
+                f"task=classify on data=synthetic labels the domain: data.num_domains="
+                f"{data.num_domains} must be >= 2"
+            )
+        self.finetune.monitored(self.task, floor=isinstance(data, SyntheticDataConfig))
 
     def model_config(self) -> ModelConfig:
         """The LM's config: the `model` section with the `moe` section as its MoE layer."""
@@ -405,6 +486,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="schema/data", name="synthetic", node=SyntheticDataConfig)
     cs.store(group="schema/data", name="hf_text", node=HFTextDataConfig)
+    cs.store(group="schema/data", name="hf_labels", node=HFLabelsDataConfig)
     for name in PRESETS:
         cs.store(group="model", name=name, node=model_preset_node(name), package="_global_")
 

@@ -200,12 +200,17 @@ def run(cfg: DictConfig) -> None:
         return
     if rank != 0:
         return
-    if result.val_loss is not None and not result.stopped_early:
-        line = f"final validation loss {result.val_loss:.4f} nats/token"
-        if result.floor is not None:
-            gap = result.val_loss - result.floor
-            line += f"; entropy floor {result.floor:.4f} (gap {gap:.4f})"
-        print(line)
+    if result.val_loss is None or result.stopped_early:
+        return
+    if train_cfg.task.kind != "lm":
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "val_loss")
+        print(f"final validation loss {result.val_loss:.4f} nats/label; {shown}")
+        return
+    line = f"final validation loss {result.val_loss:.4f} nats/token"
+    if result.floor is not None:
+        gap = result.val_loss - result.floor
+        line += f"; entropy floor {result.floor:.4f} (gap {gap:.4f})"
+    print(line)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -1,5 +1,6 @@
 """Training data: the embedded synthetic corpus or text through Hugging Face datasets, served
-as deterministic, resumable batches of seq_len + 1 token ids per data-parallel rank."""
+as deterministic, resumable batches of seq_len + 1 token ids per data-parallel rank (for a
+task head, of labelled rows laid out as xpar.tasks.rows describes)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from xpar.config import DataConfig, HFTextDataConfig, SyntheticDataConfig
+from xpar.config import (
+    DataConfig,
+    HFLabelsDataConfig,
+    HFTextDataConfig,
+    SyntheticDataConfig,
+    TaskConfig,
+)
 from xpar.data.loader import (
     SequenceLoader,
     SequenceSource,
@@ -39,6 +46,8 @@ class DataBundle:
     vocab_size: int  # every token id lies in [0, vocab_size)
     floor: float | None  # nats/token the best possible model reaches on `val`, when known
     description: str  # one line for the console
+    labels: list[str] | None = None  # a task's label names, in id order (None: the LM)
+    tokenizer: str | None = None  # the tokenizer's name or directory, when the data has one
 
 
 @dataclass(frozen=True)
@@ -81,8 +90,20 @@ def build_synthetic_data(cfg: SyntheticDataConfig, model_vocab: int, shard: Shar
     return DataBundle(train, TensorSequences(splits.val_NL), vocab, splits.floor, description)
 
 
-def build_data(cfg: DataConfig, model_vocab: int, shard: Sharding) -> DataBundle:
-    """The data bundle for `cfg` (a SyntheticDataConfig or HFTextDataConfig)."""
+def build_data(
+    cfg: DataConfig, model_vocab: int, shard: Sharding, task: TaskConfig | None = None
+) -> DataBundle:
+    """The data bundle for `cfg` (a SyntheticDataConfig, HFTextDataConfig or, for a task,
+    HFLabelsDataConfig); with a `task` other than lm, labelled rows (xpar.tasks.rows)."""
+    kind = "lm" if task is None else task.kind
+    if kind != "lm" and isinstance(cfg, SyntheticDataConfig):
+        from xpar.tasks.synthetic import build_synthetic_task
+
+        return build_synthetic_task(cfg, task, model_vocab, shard)
+    if kind != "lm" and isinstance(cfg, HFLabelsDataConfig):
+        from xpar.tasks.hf_labels import build_hf_labels  # datasets/transformers when used
+
+        return build_hf_labels(cfg, task, model_vocab, shard)
     if isinstance(cfg, SyntheticDataConfig):
         return build_synthetic_data(cfg, model_vocab, shard)
     if isinstance(cfg, HFTextDataConfig):

@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
 from xpar.checks import UserError
-from xpar.config import HFTextDataConfig
+from xpar.config import HFLabelsDataConfig, HFTextDataConfig
 from xpar.data import DataBundle, Sharding
 from xpar.data.loader import SequenceLoader, TensorSequences, check_same_data, check_token_ids
 
@@ -29,7 +29,7 @@ PACK_BATCH = 1000  # documents packed together (at least L); each batch drops it
 IDS = List(Value("int32"))  # a fixed schema, so that a split without text still has its column
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -45,7 +45,7 @@ def load_tokenizer(name: str, model_vocab: int) -> PreTrainedTokenizerBase:
             tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
         except (OSError, ValueError) as e:
             raise UserError(
-                f"data.tokenizer={name!r} could not be loaded ({_first_line(e)}); give a local "
+                f"data.tokenizer={name!r} could not be loaded ({first_line(e)}); give a local "
                 f"tokenizer directory, 'byt5', or a hub name while online"
             ) from e
     if len(tokenizer) > model_vocab:
@@ -56,12 +56,14 @@ def load_tokenizer(name: str, model_vocab: int) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _check_data_files(cfg: HFTextDataConfig) -> None:
+def check_data_files(cfg: HFTextDataConfig | HFLabelsDataConfig) -> None:
+    """Local builders need data.data_files (and data.val_files, when set) that exist."""
     if cfg.path not in BUILDERS:
         return
     if not cfg.data_files:
         raise UserError(f"data.path={cfg.path!r} reads local files: set data.data_files")
-    found = {p: glob.glob(p, recursive=True) for p in cfg.data_files if "://" not in p}
+    paths = [*cfg.data_files, *(getattr(cfg, "val_files", None) or [])]
+    found = {p: glob.glob(p, recursive=True) for p in paths if "://" not in p}
     missing = [p for p, files in found.items() if not files]
     if missing:
         raise UserError(f"data.data_files={missing} matches no file")
@@ -81,7 +83,7 @@ def _load(cfg: HFTextDataConfig, field: str, split: str) -> tuple[Any, list[str]
             cache_dir=cfg.cache_dir,
         )
     except (OSError, ValueError, DatasetsError) as e:
-        why = _first_line(e) + (f": {_first_line(e.__cause__)}" if e.__cause__ else "")
+        why = first_line(e) + (f": {first_line(e.__cause__)}" if e.__cause__ else "")
         raise UserError(
             f"data.path={cfg.path!r} ({field}={split!r}) could not be loaded ({why}); check the "
             f"name, or read local files with data.path=text|json|csv|parquet and data.data_files"
@@ -317,7 +319,7 @@ def _source(cfg: HFTextDataConfig) -> str:
 def build_hf_text(cfg: HFTextDataConfig, model_vocab: int, shard: Sharding) -> DataBundle:
     """Documents from `cfg.path`, tokenised by `cfg.tokenizer` with EOS after each, packed into
     blocks of seq_len + 1 ids and served as this rank's share of each global batch."""
-    _check_data_files(cfg)
+    check_data_files(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer, model_vocab)
     loader_args = (cfg.batch_size, shard.micro_batch, shard.dp_rank, shard.dp_world, shard.seed)
     if not cfg.streaming:

@@ -5,7 +5,7 @@ Legend: L MoE layers, E experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ class StepStats:
     load_LE: np.ndarray  # fraction of routed slots per expert, per MoE layer
     a2a: dict[str, float]  # all-to-all totals, and min/mean/max over ranks (EP only)
     stop: bool  # some rank was asked to stop (a signal)
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # a task's, summed
 
 
 A2A_FIELDS = ("rows", "pair_rows", "bytes", "recv_slots")
@@ -33,16 +34,24 @@ A2A_FIELDS = ("rows", "pair_rows", "bytes", "recv_slots")
 
 class Tally:
     """Sums of LMOutputs; reduce() averages the losses over ranks (each rank's token count is
-    the same), sums the counts, and gathers each rank's all-to-all figures."""
+    the same), sums the counts (expert load, and `num_counts` task counts such as a confusion
+    matrix), and gathers each rank's all-to-all figures."""
 
     def __init__(
-        self, num_layers: int, num_experts: int, device: torch.device, rank: int = 0, world: int = 1
+        self,
+        num_layers: int,
+        num_experts: int,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        num_counts: int = 0,
     ) -> None:
         self.device, self.rank, self.world = device, rank, world
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm, aux, dropped
         self.counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
         self.a2a = [0] * len(A2A_FIELDS)  # host ints: known after the dispatch
         self.weight = 0.0
+        self.counts = torch.zeros(num_counts, dtype=torch.float64, device=device)
 
     def add(self, out: LMOutput, weight: float = 1.0) -> None:
         """Count one forward pass at `weight` (e.g. 1 / micro-steps, or its token count)."""
@@ -70,13 +79,14 @@ class Tally:
         a2a_WF = torch.zeros(self.world, F, dtype=torch.float64, device=self.device)
         a2a_WF[self.rank] = torch.tensor(self.a2a, dtype=torch.float64)
         extra = torch.tensor([self.weight, float(stop)], dtype=torch.float64, device=self.device)
-        parts = [self.sums, extra, a2a_WF.flatten(), self.counts_LE.flatten()]
+        parts = [self.sums, extra, a2a_WF.flatten(), self.counts_LE.flatten(), self.counts]
         packed = pm.all_reduce_sum(torch.cat(parts))
         norm = torch.zeros(1) if grad_norm is None else grad_norm.double().reshape(1)
         values = torch.cat([packed, norm.to(packed.device)]).cpu()
         sums, weight, stop_votes = values[:3], values[3], values[4]
         a2a_WF = values[5 : 5 + self.world * F].view(self.world, F)
-        counts_LE = values[5 + self.world * F : -1].view(self.counts_LE.shape)
+        end_LE = 5 + self.world * F + self.counts_LE.numel()
+        counts_LE = values[5 + self.world * F : end_LE].view(self.counts_LE.shape)
         load_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1)
         mean = (sums / weight.clamp_min(1e-12)).tolist()
         stats = StepStats(
@@ -86,6 +96,7 @@ class Tally:
             load_LE=load_LE.numpy(),
             a2a=_a2a_metrics(a2a_WF) if a2a_WF[:, 1].sum() else {},
             stop=bool(stop_votes > 0),
+            counts=values[end_LE:-1].numpy(),
         )
         return stats, float(values[-1])
 

@@ -78,7 +78,16 @@ def _max_over_mean(row: list[Any]) -> float | None:
     return max(values) / (sum(values) / len(values))
 
 
-METRIC_SUMMARIES = {"loss": "min", "val_loss": "min", "val_gap": "min", "tokens_per_s": "mean"}
+METRIC_SUMMARIES = {
+    "loss": "min",
+    "val_loss": "min",
+    "val_gap": "min",
+    "tokens_per_s": "mean",
+    **dict.fromkeys(
+        ("val_accuracy", "val_macro_f1", "val_precision", "val_recall", "val_f1"), "max"
+    ),
+}
+REPORT_FILE = "label_report.json"
 
 
 def wandb_labels(
@@ -229,6 +238,30 @@ class Tracker:
             elif isinstance(value, list) and (ratio := _max_over_mean(value)) is not None:
                 out[f"{key}/max_over_mean"] = ratio
         return out
+
+    def summarize(self, values: dict[str, Any]) -> None:
+        """Facts about the run as a whole (parameter counts) for wandb's run summary."""
+        if self._run is not None:
+            self._run.summary.update(values)
+
+    def log_report(self, step: int, title: str, rows: list[dict[str, Any]]) -> Path | None:
+        """The final per-label report: a metrics.jsonl record `{"step", "label_report":
+        {"title", "rows"}}`, `label_report.json` in the run dir, and a wandb Table."""
+        if not self.enabled:
+            return None
+        report = {"title": title, "rows": rows}
+        self.log(step, {"label_report": report})
+        path = self.run_dir / REPORT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"step": int(step), **report}, indent=1) + "\n")
+        os.replace(tmp, path)
+        if self._run is not None and rows:
+            import wandb
+
+            columns = list(rows[0])
+            table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            self._run.log({"step": int(step), "label_report": table}, step=int(step))
+        return path
 
     def log_expert_load(self, step: int, load_LE: np.ndarray, layer_ids: list[int]) -> Path | None:
         """Save a heatmap of `load_LE` [MoE layers, experts] (fraction of routed slots per

@@ -1,8 +1,9 @@
 """The training loop: one process or many (torchrun). Accumulation, clipping, skipped
-non-finite steps, evaluation against the data's floor, checkpoints, tracking, and a clean stop
-on SIGINT/SIGTERM that every rank agrees on.
+non-finite steps, evaluation against the data's floor (or a task's metrics), early stopping and
+the best model, checkpoints, tracking, and a clean stop on SIGINT/SIGTERM that every rank
+agrees on. What differs per task (lm, classify, tag) lives in xpar.tasks.
 
-Legend: B micro-batch, L sequence length + 1.
+Legend: B micro-batch, L sequence length + 1, W a task's row width (xpar.tasks.rows).
 """
 
 from __future__ import annotations
@@ -28,14 +29,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from xpar.checks import UserError
 from xpar.config import TrainConfig
-from xpar.data import Sharding, build_data, check_token_ids, eval_batches
-from xpar.model import MoETransformerLM, flops_per_token
+from xpar.data import Sharding, build_data, check_token_ids
+from xpar.model import flops_per_token
 from xpar.parallel.mesh import Mesh, init_mesh, world_from_env
 from xpar.parallel.parallelize import parallelize
+from xpar.tasks.models import build_model
+from xpar.tasks.runner import build_runner
+from xpar.training import checkpoint as ckpt
+from xpar.training.finetune import load_init_weights, trainable_counts
 from xpar.training.optim import build_optimizer, build_scheduler
 from xpar.training.resume import load_state, resume_path, save_state
 from xpar.training.stats import StepStats, Tally
 from xpar.training.tracking import Tracker
+from xpar.training.validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +70,11 @@ class FitResult:
     val_loss: float | None
     floor: float | None
     skipped_steps: int
-    losses: dict[int, float] = field(default_factory=dict)  # step -> LM loss
-    stopped_early: bool = False
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss
+    stopped_early: bool = False  # by a signal or stop_at, before trainer.max_steps
+    early_stopped: bool = False  # finetune.patience ran out: a normal end, saved
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
+    best: dict[str, Any] | None = None  # the monitored metric's best: step, value
 
 
 def pick_device(name: str) -> torch.device:
@@ -111,16 +120,19 @@ class Trainer:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         resume_from = resume_path(tc.resume, self.ckpt_root)
-        seed_everything(tc.seed)
         self.model_cfg = cfg.model_config()
-        with torch.device("meta"):
-            self.model = MoETransformerLM(self.model_cfg)
-        zero = cfg.deepspeed.enabled
-        self.pm = parallelize(self.model, self.mesh, cfg.parallel, ddp=not zero)
         micro, self.accum_steps = cfg.data.accumulation(dp_world=self.world)
         shard = Sharding(micro, self.rank, self.world, tc.seed, tc.overfit_batches)
         with self._rank_zero_first():  # rank 0 fills the datasets cache, the others reuse it
-            self.data = build_data(cfg.data, self.model_cfg.vocab_size, shard)
+            self.data = build_data(cfg.data, self.model_cfg.vocab_size, shard, cfg.task)
+        self.runner = build_runner(cfg.task.kind, self.data.labels)  # the labels come from data
+        seed_everything(tc.seed)
+        with torch.device("meta"):
+            self.model = build_model(self.model_cfg, cfg.task, len(self.data.labels or ()))
+        zero = cfg.deepspeed.enabled
+        ft = cfg.finetune
+        self.pm = parallelize(self.model, self.mesh, cfg.parallel, ddp=not zero, train=ft.train)
+        self._init_from(tc.init_from, resume_from)
         self.engine = None
         if zero:
             from xpar.parallel.zero import initialize  # DeepSpeed loads only when asked for
@@ -128,18 +140,27 @@ class Trainer:
             self.engine = initialize(self.pm, cfg, micro, self.accum_steps)
             self.optimizer = self.engine.basic_optimizer
         else:
-            self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+            self.optimizer = build_optimizer(self.model, cfg.optim, self.device, ft.head_lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
+        self.validation = Validation(cfg, self.run_dir, self.pm, self.data, self.runner)
+        self.monitor = self.validation.monitor
         self.step = self.bad_steps = self.bad_streak = 0
         if resume_from is not None:
             self._load(resume_from)
+        trainable, total = trainable_counts(self.model, layout.ep_size)
+        log.info(
+            "trainable %d / total %d parameters (%.1f%%; finetune.train=%s)",
+            trainable, total, 100 * trainable / total, ft.train,
+        )  # fmt: skip
+        params = {"params_trainable": trainable, "params_total": total}
         self.tracker = Tracker(
             self.run_dir,
             cfg.logger,
-            config_dict,
+            {**config_dict, **params},
             enabled=self.rank == 0,
             resume_step=self.step if resume_from else None,
         )
+        self.tracker.summarize(params)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_tflops(self.device, tc.peak_tflops)
@@ -156,10 +177,34 @@ class Trainer:
         if self.world > 1 and self.rank == 0:
             dist.barrier()
 
+    def _init_from(self, path: str | None, resume_from: Path | None) -> None:
+        """trainer.init_from: weights only, before any optimizer (DeepSpeed copies the weights
+        when it starts). A resumed run has its own weights: resume wins."""
+        if path is None:
+            return
+        if resume_from is not None:
+            log.info("trainer.init_from=%s ignored: resuming from %s", path, resume_from)
+            return
+        log.info(load_init_weights(self.pm, path, self.cfg.task, self.data.labels))
+
+    def _check_task(self, path: Path) -> None:
+        """A checkpoint resumes only into the task and labels it was trained for."""
+        trainer_json = path / "trainer.json"
+        saved = ckpt.read_json(trainer_json).get("task") if trainer_json.is_file() else None
+        now = vars(self.validation.task_info())
+        if saved is not None and (saved["kind"], saved["labels"]) != (now["kind"], now["labels"]):
+            raise UserError(
+                f"trainer.resume: {path} was trained for task={saved['kind']} with labels "
+                f"{saved['labels']}, this run is task={now['kind']} with labels {now['labels']}; "
+                f"start a new run with trainer.init_from={path}"
+            )
+
     def _load(self, path: Path) -> None:
+        self._check_task(path)
         extra = load_state(path, self.pm, self.optimizer, self.scheduler, self.engine)
         self.step, self.bad_steps = int(extra["step"]), int(extra["bad_steps"])
         self.bad_streak = int(extra["bad_streak"])
+        self.monitor.load_state_dict(extra.get("monitor"))
         self.data.train.load_state_dict(self._own(extra["data"], "data position"))
         if self.device.type == "cuda" and len(extra["cuda_rng"]) == self.world:
             rng = torch.tensor(extra["cuda_rng"][self.rank], dtype=torch.uint8)
@@ -189,6 +234,8 @@ class Trainer:
             "bad_streak": self.bad_streak,
             "data": self.pm.gather_objects(self.data.train.state_dict()),
             "cuda_rng": self.pm.gather_objects(cuda_rng) if cuda_rng else [],
+            "task": vars(self.validation.task_info()),
+            "monitor": self.monitor.state_dict(),
         }
         keep = self.cfg.trainer.keep_checkpoints
         args = (self.pm, self.optimizer, self.scheduler, extra, keep, self.engine)
@@ -196,18 +243,19 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def _tally(self) -> Tally:
+    def _tally(self, num_counts: int = 0) -> Tally:
         moe = self.model_cfg.moe
         num_experts = 0 if moe is None else moe.num_experts
         num_layers = len(self.model_cfg.moe_layer_ids())
-        return Tally(num_layers, num_experts, self.device, self.rank, self.world)
+        return Tally(num_layers, num_experts, self.device, self.rank, self.world, num_counts)
 
-    def _forward(self, tokens_BL: Tensor, module: nn.Module | Any):
-        check_token_ids(tokens_BL, self.model_cfg.vocab_size, "training batch")
-        tokens_BL = tokens_BL.to(self.device, non_blocking=True)
+    def _forward(self, rows_BW: Tensor, module: nn.Module | Any):
+        """One forward pass over a batch of rows (token ids [B, L] for the LM)."""
+        check_token_ids(self.runner.tokens(rows_BW), self.model_cfg.vocab_size, "training batch")
+        rows_BW = rows_BW.to(self.device, non_blocking=True)
         enabled = self.autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
-            return module(tokens_BL[:, :-1], targets_BS=tokens_BL[:, 1:])
+            return self.runner.forward(module, rows_BW)
 
     def train_step(self, micro_batches: list[Tensor]) -> StepResult:
         """Forward/backward over the micro-batches, reduce and clip the gradients, then step
@@ -264,34 +312,14 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def evaluate(self) -> tuple[float, np.ndarray]:
-        """(mean LM loss per token over the validation split, expert load [L, E] on it)."""
-        self.model.eval()
-        tally = self._tally()
-        micro = self.cfg.data.accumulation(self.world)[0]
-        batches = eval_batches(
-            self.data.val, micro, self.cfg.trainer.eval_batches, self.rank, self.world
-        )
-        for tokens_BL in batches:
-            tally.add(self._forward(tokens_BL, self.model), weight=tokens_BL[:, 1:].numel())
-        self.model.train()
-        stats, _ = tally.reduce(self.pm)
-        return stats.loss, stats.load_LE
+    def evaluate(self) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        """(validation metrics, expert load [L, E], the task's counts): see Validation."""
+        return self.validation.evaluate(self._forward, self._tally(self.runner.num_counts))
 
-    def _eval_and_log(self) -> float:
-        val_loss, load_LE = self.evaluate()
-        metrics: dict[str, Any] = {"val_loss": val_loss}
-        floor = self.data.floor
-        msg = f"step {self.step}: val loss {val_loss:.4f}"
-        if floor is not None:
-            metrics.update(floor=floor, val_gap=val_loss - floor)
-            msg += f" (floor {floor:.4f}, gap {val_loss - floor:.4f})"
-        self.tracker.log(self.step, metrics)
-        if load_LE.size:
-            self.tracker.log_expert_load(self.step, load_LE, self.model_cfg.moe_layer_ids())
-        log.info(msg)
-        return val_loss
+    def _eval_and_log(self) -> tuple[dict[str, float], np.ndarray]:
+        metrics, load_LE, counts = self.evaluate()
+        self.validation.log(self.step, metrics, load_LE, self.tracker)
+        return metrics, counts
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -350,10 +378,10 @@ class Trainer:
             desc="train",
             disable=not live,
         )
-        tick, tokens, stopping = time.perf_counter(), 0, False
+        tick, tokens, stopping, counts = time.perf_counter(), 0, False, None
         try:
             with self._stop_on_signals(), logging_redirect_tqdm():
-                while self.step < end and not stopping:
+                while self.step < end and not stopping and not result.early_stopped:
                     r = self.train_step(self.data.train.next_step())
                     self.step += 1
                     tokens += self.tokens_per_step
@@ -368,18 +396,38 @@ class Trainer:
                         self._show(bar, metrics)
                         tick, tokens = time.perf_counter(), 0
                     if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
-                        result.val_loss = self._eval_and_log()
+                        result.metrics, counts = self._eval_and_log()
+                        result.val_loss = result.metrics["val_loss"]
+                        result.early_stopped = self.monitor.should_stop
                         tick, tokens = time.perf_counter(), 0
-                    if self.step % tc.save_every == 0 or self.step == tc.max_steps:
+                    if (
+                        self.step % tc.save_every == 0
+                        or self.step == tc.max_steps
+                        or (result.early_stopped)
+                    ):
                         self.save()
                         tick, tokens = time.perf_counter(), 0
             bar.close()
             result.step, result.skipped_steps = self.step, self.bad_steps
-            if self.step < tc.max_steps:  # stopped by a signal or stop_at
+            result.best = self.monitor.state_dict() if self.monitor.best_step else None
+            if self.step < tc.max_steps and not result.early_stopped:  # a signal or stop_at
                 self._stop_early(result, by_signal=stopping)
+            else:
+                self._end(result, counts)
         finally:
             self.tracker.finish()
         return result
+
+    def _end(self, result: FitResult, counts: np.ndarray | None) -> None:
+        """A normal end (trainer.max_steps, or early stopping): say so, and report per label."""
+        if result.early_stopped:
+            m = self.monitor
+            log.info(
+                "early stop at step %d: no better %s in %d evaluations (best %s)",
+                self.step, m.metric, m.patience, m.describe(),
+            )  # fmt: skip
+        if counts is not None:
+            self.validation.report(self.step, counts, self.tracker)
 
     def _stop_early(self, result: FitResult, by_signal: bool) -> None:
         """Save (unless this step just did) and say why the run stopped."""
