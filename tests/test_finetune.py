@@ -14,6 +14,8 @@ from test_tasks import QUICK, make
 from xpar.config import FinetuneConfig, TaskConfig
 from xpar.training.model_dir import read_model
 
+from distributed import torchrun
+
 SMALL = [*QUICK, "data.num_train=256", "data.num_val=32", "trainer.save_every=100"]
 CLASSIFY = [*SMALL, "task=classify"]
 
@@ -140,3 +142,30 @@ def test_monitor_defaults_and_modes():
         FinetuneConfig(monitor="val_loss", mode="max").monitored(TaskConfig("tag"), False)[1]
         == "max"
     )
+
+
+@pytest.mark.distributed
+def test_frozen_parameters_under_zero2_at_ep2(tmp_path):
+    """DeepSpeed with frozen experts (plain ZeRO: no expert group to partition) on 2 ranks at
+    EP=2: between two checkpoints only the routers and the head move, and the checkpoints read
+    back whole (every expert bank, frozen ones included) for init_from and export."""
+    args = [
+        *[a for a in SMALL if not a.startswith("trainer.save_every")],
+        "task=classify",
+        "deepspeed=zero2",
+        "parallel.ep_size=2",
+        "finetune.train=router+head",
+        "trainer.max_steps=4",
+        "trainer.save_every=2",
+        "trainer.eval_every=4",
+        "run_name=z",
+    ]
+    proc = torchrun(args, 2, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = tmp_path / "runs" / "z" / "checkpoints"
+    first, last = read_model(ckpts / "step_2"), read_model(ckpts / "step_4")
+    assert first.state["layers.0.ffn.experts.w1"].shape[0] == first.model.moe.num_experts
+    moved = {k for k in first.state if not torch.equal(first.state[k], last.state[k])}
+    assert moved == {"head.weight", "head.bias"} | {
+        f"layers.{i}.ffn.router.gate.weight" for i in first.model.moe_layer_ids()
+    }

@@ -167,7 +167,11 @@ def initialize(pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int):
         for key in ("RANK", "LOCAL_RANK"):  # DeepSpeed reads them
             os.environ.setdefault(key, "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-    if moe is not None:  # a dense model (moe=dense) is plain ZeRO data parallelism
+    # A dense model (moe=dense), or one whose experts are frozen (finetune.train=head|
+    # router+head), is plain ZeRO data parallelism: DeepSpeed's MoE mode wants an expert group
+    # to partition, and frozen experts have no gradient to reduce.
+    moe = moe if any(p.requires_grad for p in pm.expert_params) else None
+    if moe is not None:
         mark_experts(module, layout.ep_size)
         module.add_module("ds_expert_groups", ExpertGroups(moe.num_experts, layout.ep_size))
     config = deepspeed_config(cfg, micro, accum, layout.world)

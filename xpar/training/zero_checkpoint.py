@@ -97,7 +97,11 @@ def save_zero(
     _barrier(pm)
     engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
     params = dict(pm.module.named_parameters())
-    banks = {n: safe_get_full_fp32_param(params[n]) for n in expert_parameter_names(pm.module)}
+    # A frozen bank (finetune.train) has no fp32 master copy: the module's own is the weight.
+    banks = {
+        n: safe_get_full_fp32_param(params[n]) if params[n].requires_grad else params[n].float()
+        for n in expert_parameter_names(pm.module)
+    }
     if layout.rank < layout.ep_size:  # EDP rank 0 of each EP rank
         ckpt.write_file(tmp / _expert_file(layout.ep_rank, layout.ep_size), ckpt.to_cpu(banks))
     rng_tensors, rng_rest = ckpt.rng_state()
@@ -272,6 +276,11 @@ def read_as_plain(path: Path) -> ckpt.Checkpoint:
     for name, value in module_state.items():  # buffers and module order
         model_state[name] = weights.pop(name, value)
     model_state.update(weights)  # expert banks (not in DeepSpeed's module file)
+    # Every bank from the EP ranks' own files: they hold frozen banks too (finetune.train),
+    # which DeepSpeed neither partitions nor keeps out of its module file.
+    files = [load_file(path / _expert_file(k, P)) for k in range(P)]
+    for name in expert_names:
+        model_state[name] = torch.cat([f[name] for f in files])
     order = [n for n, _, _ in desc["params"]]
     optimizer_state = _plain_optimizer_state(order, desc, moments, step, base0["param_groups"])
     return ckpt.Checkpoint(
@@ -308,7 +317,8 @@ def _plain_optimizer_state(
     state = {}
     if step is not None:
         for i, name in enumerate(names):
-            state[i] = {"step": step.clone(), **moments[name]}
+            if name in moments:  # frozen parameters (finetune.train) have none
+                state[i] = {"step": step.clone(), **moments[name]}
     return {"state": state, "param_groups": groups}
 
 
