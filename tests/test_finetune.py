@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_tasks import QUICK, make
 
-from xpar.config import FinetuneConfig, TaskConfig
+from xpar.tasks.config import FinetuneConfig, TaskConfig
 from xpar.training.model_dir import read_model
 
 from distributed import torchrun

@@ -13,12 +13,13 @@ import torch
 from omegaconf import OmegaConf
 
 from xpar.checks import UserError
-from xpar.config import ParallelConfig, TaskConfig
+from xpar.config import ParallelConfig
 from xpar.model import MoETransformerLM, get_preset
 from xpar.model.mla import MLAConfig
 from xpar.model.trainable import apply_policy, head_names, routers_frozen, trainable_names
 from xpar.parallel.mesh import init_mesh
 from xpar.parallel.parallelize import parallelize
+from xpar.tasks.config import TaskConfig
 from xpar.train import adopt_init_architecture
 from xpar.training import checkpoint as ckpt
 from xpar.training.finetune import architecture_changes, load_init_weights, trainable_counts

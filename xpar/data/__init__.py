@@ -9,13 +9,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from xpar.config import (
-    DataConfig,
-    HFLabelsDataConfig,
-    HFTextDataConfig,
-    SyntheticDataConfig,
-    TaskConfig,
-)
+from xpar.data.config import DataConfig, HFLabelsDataConfig, HFTextDataConfig, SyntheticDataConfig
 from xpar.data.loader import (
     SequenceLoader,
     SequenceSource,
@@ -24,6 +18,7 @@ from xpar.data.loader import (
     eval_batches,
 )
 from xpar.data.synthetic import build_synthetic
+from xpar.tasks.config import TaskConfig
 
 
 class BatchStream(Protocol):

@@ -20,8 +20,8 @@ from torch import Tensor
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
 from xpar.checks import UserError
-from xpar.config import HFLabelsDataConfig, HFTextDataConfig
 from xpar.data import DataBundle, Sharding
+from xpar.data.config import HFLabelsDataConfig, HFTextDataConfig
 from xpar.data.loader import SequenceLoader, TensorSequences, check_same_data, check_token_ids
 
 BUILDERS = frozenset(_PACKAGED_DATASETS_MODULES)  # text, json, csv, parquet, ...

@@ -25,10 +25,11 @@ from datasets.exceptions import DatasetsError
 from torch import Tensor
 
 from xpar.checks import UserError
-from xpar.config import HFLabelsDataConfig, TaskConfig
 from xpar.data import DataBundle, Sharding
+from xpar.data.config import HFLabelsDataConfig
 from xpar.data.hf_text import check_data_files, first_line, load_tokenizer
 from xpar.data.loader import SequenceLoader, TensorSequences
+from xpar.tasks.config import TaskConfig
 from xpar.tasks.rows import IGNORE, pack_classify, pack_tag
 
 log = logging.getLogger(__name__)

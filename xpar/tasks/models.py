@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xpar.config import TaskConfig
 from xpar.model import LMOutput, ModelConfig, MoETransformerLM
 from xpar.model.transformer import total_aux_loss
+from xpar.tasks.config import TaskConfig
 
 
 @dataclass

@@ -18,10 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xpar.config import SyntheticDataConfig, TaskConfig
 from xpar.data import DataBundle, Sharding
+from xpar.data.config import SyntheticDataConfig
 from xpar.data.loader import SequenceLoader, TensorSequences
 from xpar.data.synthetic import MarkovMixture
+from xpar.tasks.config import TaskConfig
 from xpar.tasks.rows import pack_classify
 
 TAGS = ["B-HIGH", "B-LOW", "I-HIGH", "I-LOW", "O"]

@@ -9,11 +9,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from xpar.checks import UserError
-from xpar.config import TaskConfig
 from xpar.model import ModelConfig
 from xpar.model.trainable import head_names
 from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
 from xpar.parallel.state import full_model_shapes, load_full_model_state
+from xpar.tasks.config import TaskConfig
 from xpar.training.model_dir import ModelFiles, read_model
 
 __all__ = ["head_names", "load_init_weights", "trainable_counts"]
