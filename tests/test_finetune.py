@@ -130,6 +130,11 @@ def test_early_stop_after_patience_and_keep_best(tmp_path):
     assert all(torch.equal(best.state[k], v) for k, v in snapshots[4].items())
     assert not torch.equal(best.state["head.weight"], snapshots[8]["head.weight"])
     assert (tmp_path / "label_report.json").exists()
+    # A resumed (requeued) run that had stopped early stays stopped: no step, no checkpoint.
+    again = make(tmp_path, [*overrides, "finetune.patience=2", "trainer.resume=true"])
+    resumed = again.fit()
+    assert resumed.early_stopped and resumed.step == 8
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_8"]
 
 
 def test_monitor_defaults_and_modes():

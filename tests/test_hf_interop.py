@@ -117,6 +117,10 @@ UPCYCLE_CASES = {
         ),
         ["moe.num_experts=3", "moe.top_k=3", "model.first_k_dense=1", "moe.score_func=sigmoid"],
     ),
+    "two_level_learned_groups": (
+        lambda: llama(),
+        ["moe.num_experts=4", "moe.top_k=2", "moe.router=two_level", "moe.num_groups=2"],
+    ),
 }
 
 

@@ -78,6 +78,14 @@ def run_dir_with_checkpoint(tmp_path: Path, model: MoETransformerLM, labels=None
     return run
 
 
+def test_a_corrupt_weights_file_is_one_line(tmp_path):
+    model = tiny_model()
+    write_model_dir(tmp_path / "m", model.state_dict(), model.cfg)
+    os.truncate(tmp_path / "m" / "model.safetensors", 1000)
+    with pytest.raises(UserError, match="model.safetensors is unreadable"):
+        read_model(tmp_path / "m")
+
+
 def test_read_model_from_run_checkpoint(tmp_path):
     model = tiny_model(2)
     run = run_dir_with_checkpoint(tmp_path, model)
@@ -176,6 +184,10 @@ def test_run_adopts_the_weights_architecture(tmp_path):
     adopt_init_architecture(job, given)
     assert job.model.d_model == 64 and job.moe.top_k == 3  # from the weights
     assert job.moe.capacity_factor == 2.0  # the command line's own value wins
+    # A moe=NAME option's own keys win too (moe=capacity sets capacity_factor 1.25).
+    job = compose_job(["moe=capacity", f"trainer.init_from={tmp_path / 'm'}"])
+    adopt_init_architecture(job, ["moe=capacity", f"trainer.init_from={tmp_path / 'm'}"])
+    assert job.moe.capacity_factor == 1.25 and job.moe.top_k == 3
     job = compose_job(["model=tiny", "model.d_model=32", "moe.d_ff=16"])
     job.trainer.init_from = str(tmp_path / "m")
     adopt_init_architecture(job, ["model=tiny", "model.d_model=32"])

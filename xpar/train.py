@@ -66,12 +66,15 @@ def check_overrides(overrides: list[str]) -> DictConfig | None:
 def adopt_init_architecture(job: DictConfig, overrides: list[str]) -> None:
     """`trainer.init_from=PATH` makes the run take PATH's architecture (the `model` and `moe`
     sections), so that fine-tuning an upcycled, imported or earlier model needs no model
-    flags. The command line's own `model.KEY=`/`moe.KEY=` values still win (routing knobs such
-    as moe.capacity_factor may change; shapes must match), and `model=NAME` turns it off."""
+    flags. The command line's own `model.KEY=`/`moe.KEY=` values, and those of a `moe=NAME`
+    option, still win (routing knobs such as moe.capacity_factor may change; shapes must
+    match), and `model=NAME` turns it off."""
     path = OmegaConf.select(job, "trainer.init_from")
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
     if not path or "model" in keys:
         return
+    for option in [o.split("=", 1)[1] for o in overrides if o.startswith("moe=")]:
+        keys |= {f"moe.{k}" for k in OmegaConf.load(Path(CONF_DIR) / "moe" / f"{option}.yaml")}
     from xpar.training.model_dir import read_model_info  # torch-heavy; after parsing
 
     arch = dataclasses.asdict(read_model_info(path)[0])

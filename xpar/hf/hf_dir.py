@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from xpar.checks import UserError
@@ -41,6 +41,14 @@ def read_hf_config(path: Path, config_classes: dict[str, type], command: str) ->
         raise UserError(f"{file}: {str(e).splitlines()[0]}") from e
 
 
+def open_safetensors(file: Path) -> Any:
+    """safetensors' lazy reader of `file`; a missing, truncated or corrupt file is a UserError."""
+    try:
+        return safe_open(file, "pt")
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{file} is unreadable: {str(e).splitlines()[0]}") from e
+
+
 class HFWeights:
     """The tensors of a local checkpoint by name, each read when it is taken. Tracks what was
     never taken, so a converter can refuse tensors it does not understand."""
@@ -48,10 +56,13 @@ class HFWeights:
     def __init__(self, path: Path) -> None:
         path = Path(path)
         if (path / INDEX).is_file():
-            index = json.loads((path / INDEX).read_text())["weight_map"]
+            try:
+                index = json.loads((path / INDEX).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise UserError(f"{path / INDEX} is unreadable: {str(e).splitlines()[0]}") from e
             self._file_of = {name: path / shard for name, shard in index.items()}
         elif (path / SINGLE).is_file():
-            with safe_open(path / SINGLE, "pt") as f:
+            with open_safetensors(path / SINGLE) as f:
                 self._file_of = {name: path / SINGLE for name in f.keys()}  # noqa: SIM118
         else:
             raise UserError(
@@ -74,7 +85,7 @@ class HFWeights:
             if name in self._file_of:
                 file = self._file_of[name]
                 if file not in self._handles:
-                    self._handles[file] = safe_open(file, "pt")
+                    self._handles[file] = open_safetensors(file)
                 self._untaken.discard(name)
                 return self._handles[file].get_tensor(name)
         raise UserError(f"the checkpoint lacks the tensor {names[0]!r}")

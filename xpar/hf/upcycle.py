@@ -121,7 +121,9 @@ def upcycled_state(
     weights: HFWeights, cfg: ModelConfig, noise: float, seed: int
 ) -> dict[str, Tensor]:
     """The MoE model's weights: the dense ones renamed, each MoE layer's experts copies of
-    its dense MLP (plus noise), routers normal(0, moe.init_std)."""
+    its dense MLP (plus noise), routers (and a two-level router's group gate) normal(0,
+    moe.init_std): whatever they pick, the renormalised weights of identical experts sum to
+    one."""
     moe = cfg.moe
     assert moe is not None
     gen = torch.Generator().manual_seed(seed)
@@ -137,8 +139,12 @@ def upcycled_state(
         for w in ("w1", "w3", "w2"):
             dense = mlp[f"{ffn}{w}.weight"]
             state[f"{ffn}experts.{w}"] = _copies(dense, moe.num_experts, noise, gen)
+        dtype = state["embed.weight"].dtype
         router_ED = torch.randn(moe.num_experts, cfg.d_model, generator=gen) * moe.init_std
-        state[ffn + "router.gate.weight"] = router_ED.to(state["embed.weight"].dtype)
+        state[ffn + "router.gate.weight"] = router_ED.to(dtype)
+        if moe.router == "two_level" and moe.group_score == "learned":
+            group_GD = torch.randn(moe.num_groups, cfg.d_model, generator=gen) * moe.init_std
+            state[ffn + "router.group_gate.weight"] = group_GD.to(dtype)
         state[ffn + "router.expert_bias"] = torch.zeros(moe.num_experts)
     if left := weights.untaken():
         raise UserError(f"the checkpoint holds tensors a Llama model does not: {left[:4]}")

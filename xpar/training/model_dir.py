@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -212,14 +213,22 @@ def read_model(path: str | Path) -> ModelFiles:
     source = resolve_source(path)
     model, task, tokenizer = read_model_info(source)
     if is_model_dir(source):
-        state = load_file(source / WEIGHTS)
+        state = read_weights(source / WEIGHTS)
     elif zc.is_zero_checkpoint(source):
         zc.verify(source)
         state = zc.read_as_plain(source).model_state
     else:
         ckpt.verify(source)
-        state = load_file(source / WEIGHTS)
+        state = read_weights(source / WEIGHTS)
     return ModelFiles(source, model, state, task, tokenizer)
+
+
+def read_weights(file: Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors; a truncated or corrupt file is a UserError."""
+    try:
+        return load_file(file)
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{file} is unreadable: {str(e).splitlines()[0]}") from e
 
 
 def _read_info(path: Path) -> dict[str, Any]:

@@ -368,6 +368,7 @@ class Trainer:
         tc = self.cfg.trainer
         end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
         result = FitResult(self.step, None, self.data.floor, self.bad_steps)
+        result.early_stopped = self.monitor.should_stop  # resumed after stopping early: done
         torch.autograd.set_detect_anomaly(tc.detect_anomaly)
         # A live bar on a terminal; in a log file (batch jobs, CI) one line per logged step.
         live = tc.progress and sys.stderr.isatty() and self.rank == 0
