@@ -55,6 +55,21 @@ class Sharding:
     seed: int = 0
     overfit_batches: int = 0
 
+    def loader(
+        self, source: SequenceSource, global_batch: int, name: str = "train"
+    ) -> SequenceLoader:
+        """This rank's shuffled, resumable batches over `source` (see SequenceLoader)."""
+        return SequenceLoader(
+            source,
+            global_batch,
+            self.micro_batch,
+            self.dp_rank,
+            self.dp_world,
+            self.seed,
+            self.overfit_batches,
+            name,
+        )
+
 
 def build_synthetic_data(cfg: SyntheticDataConfig, model_vocab: int, shard: Sharding) -> DataBundle:
     vocab = cfg.vocab_size or model_vocab
@@ -68,15 +83,7 @@ def build_synthetic_data(cfg: SyntheticDataConfig, model_vocab: int, shard: Shar
         num_val=cfg.num_val,
         seed=cfg.seed,
     )
-    train = SequenceLoader(
-        TensorSequences(splits.train_NL),
-        cfg.batch_size,
-        shard.micro_batch,
-        shard.dp_rank,
-        shard.dp_world,
-        shard.seed,
-        shard.overfit_batches,
-    )
+    train = shard.loader(TensorSequences(splits.train_NL), cfg.batch_size)
     description = (
         f"synthetic corpus: {cfg.num_domains} Markov domains over {vocab} tokens, "
         f"{cfg.num_train} train / {cfg.num_val} val sequences of {cfg.seq_len + 1} tokens, "

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 from xpar.checks import UserError
 from xpar.data import DataBundle, Sharding
 from xpar.data.config import HFLabelsDataConfig, HFTextDataConfig
-from xpar.data.loader import SequenceLoader, TensorSequences, check_same_data, check_token_ids
+from xpar.data.loader import TensorSequences, check_same_data, check_token_ids
 
 BUILDERS = frozenset(_PACKAGED_DATASETS_MODULES)  # text, json, csv, parquet, ...
 PACK_BATCH = 1000  # documents packed together (at least L); each batch drops its partial tail
@@ -321,11 +321,10 @@ def build_hf_text(cfg: HFTextDataConfig, model_vocab: int, shard: Sharding) -> D
     blocks of seq_len + 1 ids and served as this rank's share of each global batch."""
     check_data_files(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer, model_vocab)
-    loader_args = (cfg.batch_size, shard.micro_batch, shard.dp_rank, shard.dp_world, shard.seed)
     if not cfg.streaming:
         train_blocks, val_blocks = _arrow_splits(cfg, tokenizer, shard.seed)
         source = ArrowSequences(train_blocks, cfg.seq_len + 1, model_vocab, "train")
-        train = SequenceLoader(source, *loader_args, shard.overfit_batches)
+        train = shard.loader(source, cfg.batch_size)
         val_NL, n_train = val_blocks.with_format("torch")[:]["input_ids"].long(), str(len(source))
     else:
         stream, val_NL = _stream_splits(cfg, tokenizer)
@@ -334,7 +333,7 @@ def build_hf_text(cfg: HFTextDataConfig, model_vocab: int, shard: Sharding) -> D
             rows = [b["input_ids"] for b in stream.take(shard.overfit_batches * cfg.batch_size)]
             first = TensorSequences(torch.tensor(rows, dtype=torch.long))
             check_token_ids(first.tokens_NL, model_vocab, "training stream")
-            train = SequenceLoader(first, *loader_args, shard.overfit_batches)
+            train = shard.loader(first, cfg.batch_size)
         else:
             train = StreamLoader(stream, cfg.batch_size, shard, cfg.shuffle_buffer, model_vocab)
     check_token_ids(val_NL, model_vocab, "validation split")

@@ -28,7 +28,7 @@ from xpar.checks import UserError
 from xpar.data import DataBundle, Sharding
 from xpar.data.config import HFLabelsDataConfig
 from xpar.data.hf_text import check_data_files, first_line, load_tokenizer
-from xpar.data.loader import SequenceLoader, TensorSequences
+from xpar.data.loader import TensorSequences
 from xpar.tasks.config import TaskConfig
 from xpar.tasks.rows import IGNORE, pack_classify, pack_tag
 
@@ -207,15 +207,7 @@ def build_hf_labels(
             "%d of %d examples are longer than data.seq_len=%d tokens and were truncated",
             cut_train + cut_val, len(train_NW) + len(val_NW), cfg.seq_len,
         )  # fmt: skip
-    loader = SequenceLoader(
-        TensorSequences(train_NW),
-        cfg.batch_size,
-        shard.micro_batch,
-        shard.dp_rank,
-        shard.dp_world,
-        shard.seed,
-        shard.overfit_batches,
-    )
+    loader = shard.loader(TensorSequences(train_NW), cfg.batch_size)
     description = (
         f"hf_labels {kind}: {cfg.path} ({', '.join(cfg.data_files or [])}), {len(labels)} "
         f"labels, tokenizer {cfg.tokenizer}, {len(train_NW)} train / {len(val_NW)} val "

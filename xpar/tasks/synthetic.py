@@ -20,7 +20,7 @@ from torch import Tensor
 
 from xpar.data import DataBundle, Sharding
 from xpar.data.config import SyntheticDataConfig
-from xpar.data.loader import SequenceLoader, TensorSequences
+from xpar.data.loader import TensorSequences
 from xpar.data.synthetic import MarkovMixture
 from xpar.tasks.config import TaskConfig
 from xpar.tasks.rows import pack_classify
@@ -67,15 +67,7 @@ def build_synthetic_task(
     )
     train_NW, labels = task_rows(mixture, task.kind, cfg.num_train, cfg.seq_len, cfg.seed + 1)
     val_NW, _ = task_rows(mixture, task.kind, cfg.num_val, cfg.seq_len, cfg.seed + 2)
-    train = SequenceLoader(
-        TensorSequences(train_NW),
-        cfg.batch_size,
-        shard.micro_batch,
-        shard.dp_rank,
-        shard.dp_world,
-        shard.seed,
-        shard.overfit_batches,
-    )
+    train = shard.loader(TensorSequences(train_NW), cfg.batch_size)
     what = {
         "classify": f"classify the domain of {cfg.num_domains}",
         "tag": "tag runs of LOW/HIGH tokens (BIO)",
