@@ -2,6 +2,19 @@ import pytest
 import torch
 
 
+@pytest.fixture
+def hf_offline(monkeypatch):
+    """No network for datasets/transformers: both libraries read the switch at import, so set
+    their copies too."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -8,8 +8,6 @@ import json
 import random
 from pathlib import Path
 
-import datasets
-import huggingface_hub
 import pandas as pd
 import pytest
 import torch
@@ -33,12 +31,8 @@ FORMATS = {"text": ("txt", "text"), "json": ("jsonl", "body"), "parquet": ("parq
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    """No network: both libraries read the switch at import, so set their copies too."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+def _offline(hf_offline):
+    """Every test here runs without network (conftest.hf_offline)."""
 
 
 @pytest.fixture(scope="module")

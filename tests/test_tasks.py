@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import datasets
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -175,11 +173,8 @@ def test_report_goes_to_wandb_as_a_table(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+def _offline(hf_offline):
+    """Every test here runs without network (conftest.hf_offline)."""
 
 
 WORDS = ["good", "fine", "bad", "awful", "the", "film", "was", "very"]

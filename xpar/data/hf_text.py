@@ -162,6 +162,21 @@ def _arrow_blocks(
     return blocks
 
 
+def hold_out(
+    rows: Dataset, cfg: HFTextDataConfig | HFLabelsDataConfig, seed: int, what: str, remedy: str
+) -> tuple[Dataset, Dataset]:
+    """(kept, held out): data.val_fraction of `rows` (at least one, and one fewer than all),
+    drawn at random by `seed`."""
+    if len(rows) < 2:
+        raise UserError(
+            f"data.path={cfg.path!r} holds {len(rows)} {what}, too few to hold out "
+            f"data.val_fraction of them; {remedy}"
+        )
+    n_val = min(len(rows) - 1, max(1, round(cfg.val_fraction * len(rows))))
+    parts = rows.train_test_split(test_size=n_val, seed=seed)
+    return parts["train"], parts["test"]
+
+
 def _arrow_splits(cfg: HFTextDataConfig, tokenizer: Any, seed: int) -> tuple[Dataset, Dataset]:
     """(train, val) blocks, cached by datasets. Without data.val_split, val_fraction of the
     documents (at least one, and one fewer than all) is held out at random by `seed` before
@@ -171,14 +186,8 @@ def _arrow_splits(cfg: HFTextDataConfig, tokenizer: Any, seed: int) -> tuple[Dat
         val = _load(cfg, "data.val_split", cfg.val_split)
     else:
         docs, columns = train
-        if len(docs) < 2:
-            raise UserError(
-                f"data.path={cfg.path!r} holds {len(docs)} document(s), too few to hold out "
-                f"data.val_fraction of them; add text or set data.val_split"
-            )
-        n_val = min(len(docs) - 1, max(1, round(cfg.val_fraction * len(docs))))
-        parts = docs.train_test_split(test_size=n_val, seed=seed)
-        train, val = (parts["train"], columns), (parts["test"], columns)
+        kept, held = hold_out(docs, cfg, seed, "document(s)", "add text or set data.val_split")
+        train, val = (kept, columns), (held, columns)
     val_blocks = _arrow_blocks(val, cfg, tokenizer, "validation")
     val_blocks = val_blocks.select(range(min(len(val_blocks), cfg.max_val_sequences)))
     return _arrow_blocks(train, cfg, tokenizer, "train"), val_blocks

@@ -27,7 +27,7 @@ from torch import Tensor
 from xpar.checks import UserError
 from xpar.data import DataBundle, Sharding
 from xpar.data.config import HFLabelsDataConfig
-from xpar.data.hf_text import check_data_files, first_line, load_tokenizer
+from xpar.data.hf_text import check_data_files, first_line, hold_out, load_tokenizer
 from xpar.data.loader import TensorSequences
 from xpar.tasks.config import TaskConfig
 from xpar.tasks.rows import IGNORE, pack_classify, pack_tag
@@ -62,14 +62,8 @@ def _splits(cfg: HFLabelsDataConfig, seed: int) -> tuple[Dataset, Dataset, str]:
     if cfg.val_split is not None:
         val = _load(cfg, cfg.data_files, cfg.val_split, "data.val_split")
         return train, val, f"data.val_split={cfg.val_split!r}"
-    if len(train) < 2:
-        raise UserError(
-            f"data.path={cfg.path!r} holds {len(train)} example(s), too few to hold out "
-            f"data.val_fraction of them; add data or set data.val_files"
-        )
-    n_val = min(len(train) - 1, max(1, round(cfg.val_fraction * len(train))))
-    parts = train.train_test_split(test_size=n_val, seed=seed)
-    return parts["train"], parts["test"], "the data.val_fraction held out"
+    kept, held = hold_out(train, cfg, seed, "example(s)", "add data or set data.val_files")
+    return kept, held, "the data.val_fraction held out"
 
 
 def _columns(cfg: HFLabelsDataConfig, kind: str) -> dict[str, str]:
