@@ -71,23 +71,36 @@ def check_data_files(cfg: HFTextDataConfig | HFLabelsDataConfig) -> None:
         raise UserError(f"data.data_files={cfg.data_files} holds no document: the files are empty")
 
 
-def _load(cfg: HFTextDataConfig, field: str, split: str) -> tuple[Any, list[str]]:
-    """(one split of the documents, its columns), with `cfg.text_column` among them."""
+def load_split(
+    cfg: HFTextDataConfig | HFLabelsDataConfig,
+    files: list[str] | None,
+    split: str,
+    field: str,
+    builders: str,
+    streaming: bool = False,
+) -> Any:
+    """`datasets.load_dataset` of one split of data.path; a failure is one line naming
+    `field` and the local `builders` that read data.data_files."""
     try:
-        docs = load_dataset(
+        return load_dataset(
             cfg.path,
             cfg.config_name,
-            data_files=cfg.data_files,
+            data_files=files,
             split=split,
-            streaming=cfg.streaming,
+            streaming=streaming,
             cache_dir=cfg.cache_dir,
         )
     except (OSError, ValueError, DatasetsError) as e:
         why = first_line(e) + (f": {first_line(e.__cause__)}" if e.__cause__ else "")
         raise UserError(
             f"data.path={cfg.path!r} ({field}={split!r}) could not be loaded ({why}); check the "
-            f"name, or read local files with data.path=text|json|csv|parquet and data.data_files"
+            f"name, or read local files with data.path={builders} and data.data_files"
         ) from e
+
+
+def _load(cfg: HFTextDataConfig, field: str, split: str) -> tuple[Any, list[str]]:
+    """(one split of the documents, its columns), with `cfg.text_column` among them."""
+    docs = load_split(cfg, cfg.data_files, split, field, "text|json|csv|parquet", cfg.streaming)
     columns = docs.column_names
     if columns is None:  # a stream whose features are unknown until read: peek at one document
         columns = list(next(iter(docs), {}))

@@ -20,14 +20,18 @@ import itertools
 import logging
 from typing import Any
 
-from datasets import ClassLabel, Dataset, Features, List, Value, load_dataset
-from datasets.exceptions import DatasetsError
+from datasets import ClassLabel, Dataset, Features, List, Value
 from torch import Tensor
 
 from xpar.checks import UserError
 from xpar.data import DataBundle, Sharding
 from xpar.data.config import HFLabelsDataConfig
-from xpar.data.hf_text import check_data_files, first_line, hold_out, load_tokenizer
+from xpar.data.hf_text import (
+    check_data_files,
+    hold_out,
+    load_split,
+    load_tokenizer,
+)
 from xpar.data.loader import TensorSequences
 from xpar.tasks.config import TaskConfig
 from xpar.tasks.rows import IGNORE, pack_classify, pack_tag
@@ -42,16 +46,7 @@ ENCODED = {
 
 
 def _load(cfg: HFLabelsDataConfig, files: list[str] | None, split: str, field: str) -> Dataset:
-    try:
-        return load_dataset(
-            cfg.path, cfg.config_name, data_files=files, split=split, cache_dir=cfg.cache_dir
-        )
-    except (OSError, ValueError, DatasetsError) as e:
-        why = first_line(e) + (f": {first_line(e.__cause__)}" if e.__cause__ else "")
-        raise UserError(
-            f"data.path={cfg.path!r} ({field}={split!r}) could not be loaded ({why}); check the "
-            f"name, or read local files with data.path=csv|json|parquet and data.data_files"
-        ) from e
+    return load_split(cfg, files, split, field, "csv|json|parquet")
 
 
 def _splits(cfg: HFLabelsDataConfig, seed: int) -> tuple[Dataset, Dataset, str]:
