@@ -11,8 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from xpar.config import TrainConfig, register_configs, to_train_config
-from xpar.train import CONF_DIR
+from xpar.config import CONF_DIR, TrainConfig, register_configs, to_train_config
 
 REPO = Path(__file__).resolve().parent.parent
 # A fast CPU job: the tiny model on a small corpus, no progress bar.

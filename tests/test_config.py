@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from xpar.checks import UserError
+from xpar.config import CONF_DIR
 from xpar.data.config import HFTextDataConfig, SyntheticDataConfig
 from xpar.model import PRESETS, get_preset
-from xpar.train import CONF_DIR
 
 from jobs import build
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_tasks import QUICK, make
 
+from xpar.persist import read_model
 from xpar.tasks.config import FinetuneConfig, TaskConfig
-from xpar.training.model_dir import read_model
 
 from distributed import torchrun
 

@@ -12,7 +12,7 @@ from xpar.hf.deepseek import deepseek_v3_mismatch, from_deepseek_v3, to_deepseek
 from xpar.model import ModelConfig, MoETransformerLM
 from xpar.model.mla import MLAConfig
 from xpar.moe import MoEConfig
-from xpar.training.model_dir import read_model, write_model_dir
+from xpar.persist import read_model, write_model_dir
 
 transformers = pytest.importorskip("transformers")
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from xpar.hf.__main__ import main
 from xpar.model import ModelConfig, MoETransformerLM, get_preset
-from xpar.training.model_dir import TaskInfo, read_model, write_model_dir
+from xpar.persist import TaskInfo, read_model, write_model_dir
 
 V = 128
 ATTN = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

@@ -16,9 +16,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerFast
 
 from xpar.checks import UserError
-from xpar.data import Sharding, build_data
+from xpar.data import Sharding
 from xpar.data.config import HFTextDataConfig
 from xpar.data.hf_text import PACK_BATCH, StreamLoader, build_hf_text
+from xpar.training.inputs import build_data
 
 from jobs import build
 

@@ -10,21 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from xpar.checks import UserError
-from xpar.config import ParallelConfig
 from xpar.model import MoETransformerLM, get_preset
 from xpar.model.mla import MLAConfig
 from xpar.model.trainable import apply_policy, head_names, routers_frozen, trainable_names
+from xpar.parallel.config import ParallelConfig
 from xpar.parallel.mesh import init_mesh
 from xpar.parallel.parallelize import parallelize
+from xpar.persist import TaskInfo, read_model, read_model_info, write_model_dir
 from xpar.tasks.config import TaskConfig
-from xpar.train import adopt_init_architecture
-from xpar.training import checkpoint as ckpt
+from xpar.train import adopt_architecture
+from xpar.training.checkpointing import Checkpoints
 from xpar.training.finetune import architecture_changes, load_init_weights, trainable_counts
-from xpar.training.model_dir import TaskInfo, read_model, read_model_info, write_model_dir
 from xpar.training.optim import build_optimizer
+from xpar.training.plain import PlainBackend
 
 from jobs import compose_job
 
@@ -38,7 +38,11 @@ def tiny_model(seed: int = 0, **moe_changes) -> MoETransformerLM:
 
 def single_process(model: MoETransformerLM, train: str = "all"):
     mesh = init_mesh(ParallelConfig(), model.cfg.moe, torch.device("cpu"))
-    return parallelize(model, mesh, ParallelConfig(), ddp=False, train=train)
+    return parallelize(model, mesh, ParallelConfig(), train=train)
+
+
+def dir_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
 
 def test_model_dir_round_trip_and_refusals(tmp_path):
@@ -50,39 +54,34 @@ def test_model_dir_round_trip_and_refusals(tmp_path):
     assert files.model == model.cfg and files.task == task and files.tokenizer is None
     for k, v in model.state_dict().items():
         assert torch.equal(files.state[k], v), k
-    before = (out / "model.safetensors").read_bytes()
+    before = dir_bytes(out)
     with pytest.raises(UserError, match="is not empty"):
         write_model_dir(out, tiny_model(1).state_dict(), model.cfg)
-    assert (out / "model.safetensors").read_bytes() == before
+    assert dir_bytes(out) == before
     # A write that fails part-way (an unloadable tokenizer) leaves no dir and no temp dir.
     with pytest.raises(UserError, match="tokenizer"):
         write_model_dir(tmp_path / "t", model.state_dict(), model.cfg, tokenizer=tmp_path / "no")
     assert sorted(os.listdir(tmp_path)) == ["m"]
     write_model_dir(out, tiny_model(1).state_dict(), model.cfg, overwrite=True)
-    assert (out / "model.safetensors").read_bytes() != before
+    assert dir_bytes(out) != before
     assert sorted(os.listdir(tmp_path)) == ["m"]
 
 
-def run_dir_with_checkpoint(tmp_path: Path, model: MoETransformerLM, labels=None) -> Path:
-    """A run dir as the trainer leaves it: resolved config and a plain checkpoint."""
+def run_dir_with_checkpoint(tmp_path: Path, model: MoETransformerLM) -> Path:
+    """A run dir holding a checkpoint at step 3, as the trainer saves it."""
     run = tmp_path / "run"
-    job = compose_job(["task.kind=lm"] if labels is None else ["task.kind=classify"])
-    (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(job, run / ".hydra" / "config.yaml", resolve=True)
-    opt = torch.optim.AdamW(model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    extra = {"step": 3, "task": {"kind": job.task.kind, "labels": labels, "pooling": "last"}}
-    ckpt.save_checkpoint(
-        run / "checkpoints", 3, model.state_dict(), opt.state_dict(), sched.state_dict(), extra
-    )
+    backend = PlainBackend(single_process(model), get_optim(), None)
+    checkpoints = Checkpoints(run, backend.pm, model.cfg, None, keep=0)
+    checkpoints.save(3, backend, TaskInfo(), {"step": 3})
     return run
 
 
 def test_a_corrupt_weights_file_is_one_line(tmp_path):
     model = tiny_model()
     write_model_dir(tmp_path / "m", model.state_dict(), model.cfg)
-    os.truncate(tmp_path / "m" / "model.safetensors", 1000)
-    with pytest.raises(UserError, match="model.safetensors is unreadable"):
+    shard = sorted((tmp_path / "m" / "state").iterdir())[0]
+    os.truncate(shard, 1000)
+    with pytest.raises(UserError, match=f"m is incomplete or corrupt: state/{shard.name} has"):
         read_model(tmp_path / "m")
 
 
@@ -153,7 +152,7 @@ def test_frozen_weights_stay_bitwise_and_head_lr_groups():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = torch.randint(0, 256, (4, 17))
     for _ in range(3):
-        out = pm(tokens[:, :-1], targets_BS=tokens[:, 1:])
+        out = pm.module(tokens[:, :-1], targets_BS=tokens[:, 1:])
         (out.loss + out.aux_loss).backward()
         opt.step()
         opt.zero_grad()
@@ -181,16 +180,16 @@ def test_run_adopts_the_weights_architecture(tmp_path):
     job = compose_job(["model.d_model=32", f"trainer.init_from={tmp_path / 'm'}"])
     given = ["moe.capacity_factor=2.0", f"trainer.init_from={tmp_path / 'm'}"]
     job.moe.capacity_factor = 2.0
-    adopt_init_architecture(job, given)
+    adopt_architecture(job, given)
     assert job.model.d_model == 64 and job.moe.top_k == 3  # from the weights
     assert job.moe.capacity_factor == 2.0  # the command line's own value wins
     # A moe=NAME option's own keys win too (moe=capacity sets capacity_factor 1.25).
     job = compose_job(["moe=capacity", f"trainer.init_from={tmp_path / 'm'}"])
-    adopt_init_architecture(job, ["moe=capacity", f"trainer.init_from={tmp_path / 'm'}"])
+    adopt_architecture(job, ["moe=capacity", f"trainer.init_from={tmp_path / 'm'}"])
     assert job.moe.capacity_factor == 1.25 and job.moe.top_k == 3
     job = compose_job(["model=tiny", "model.d_model=32", "moe.d_ff=16"])
     job.trainer.init_from = str(tmp_path / "m")
-    adopt_init_architecture(job, ["model=tiny", "model.d_model=32"])
+    adopt_architecture(job, ["model=tiny", "model.d_model=32"])
     assert job.model.d_model == 32  # model=NAME: the run keeps its own architecture
     assert architecture_changes(source.cfg, source.cfg) == []
 
@@ -206,6 +205,6 @@ def test_run_adopts_multi_head_latent_attention(tmp_path):
     write_model_dir(tmp_path / "m", MoETransformerLM(cfg).state_dict(), cfg)
     job = compose_job([f"trainer.init_from={tmp_path / 'm'}"])
     assert job.model.mla is None
-    adopt_init_architecture(job, [f"trainer.init_from={tmp_path / 'm'}"])
+    adopt_architecture(job, [f"trainer.init_from={tmp_path / 'm'}"])
     assert job.model.mla.kv_lora_rank == 16
     assert read_model_info(tmp_path / "m")[0] == cfg

@@ -3,6 +3,7 @@ directory, in order, with only the training runs shortened (a few steps each).""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -58,5 +59,7 @@ def test_readme_finetuning_commands_run(tmp_path):
         assert any((runs / name / "checkpoints").iterdir()), name
     for name in ("domains", "reviews", "people"):
         assert (runs / name / "label_report.json").is_file(), name
-    assert (runs / "domains_ft" / "best" / "xpar_model.json").is_file()
+    best = json.loads((runs / "domains_ft" / "best" / "meta.json").read_text())
+    assert best["kind"] == "model" and best["task"]["kind"] == "classify"
+    assert (runs / "domains_ft" / "best" / "best.json").is_file()
     assert "MixtralForCausalLM torch.Size([1, 19, 384])" in outputs[-1]

@@ -17,6 +17,7 @@ from matplotlib import colormaps
 from matplotlib.image import imread
 
 from xpar import report
+from xpar.training.load_plot import load_panels_ES
 
 from conftest import require_tool
 from jobs import REPO
@@ -150,7 +151,7 @@ def test_heatmap_matrix_has_a_column_per_step_summing_to_num_experts(runs):
     train = [r for r in read_jsonl(runs["moe"] / "metrics.jsonl") if "loss" in r]
     steps_S, load_SLE = report.expert_load_SLE(report.read_metrics(runs["moe"])[0])
     assert steps_S.tolist() == [r["step"] for r in train]
-    panels = report.load_panels_ES(load_SLE)
+    panels = load_panels_ES(load_SLE)
     num_layers, num_experts = len(train[0]["expert_load"]), len(train[0]["expert_load"][0])
     assert [label for label, _ in panels] == [f"MoE layer {i}" for i in range(num_layers)]
     for layer, (_, rel_ES) in enumerate(panels):
@@ -164,7 +165,7 @@ def test_heatmap_matrix_has_a_column_per_step_summing_to_num_experts(runs):
 
 def test_many_layers_show_the_mean_and_the_first_and_last():
     load_SLE = np.random.default_rng(0).dirichlet(np.ones(4), size=(3, 6))  # 3 steps, 6 layers
-    panels = report.load_panels_ES(load_SLE)
+    panels = load_panels_ES(load_SLE)
     assert [label for label, _ in panels] == [
         "mean over 6 MoE layers",
         "MoE layer 0",

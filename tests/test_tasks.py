@@ -15,11 +15,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from xpar.checks import UserError
-from xpar.data import Sharding, build_data
+from xpar.data import Sharding
+from xpar.persist import read_model
 from xpar.tasks import metrics as M
 from xpar.tasks.rows import IGNORE, pack_classify, pack_tag, unpack_classify, unpack_tag
 from xpar.tasks.synthetic import TAGS, bio_tags
-from xpar.training.model_dir import read_model
+from xpar.training.inputs import build_data
 from xpar.training.tracking import Tracker
 from xpar.training.trainer import Trainer
 

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from xpar.checks import UserError
-from xpar.train import CONF_DIR
+from xpar.config import CONF_DIR
 from xpar.training.trainer import Trainer, TrainingDiverged
 
 from jobs import FAST, build, compose_job

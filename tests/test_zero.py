@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from zero_check import BASE
 
 from xpar.checks import UserError
-from xpar.export import export
+from xpar.export import consolidate, export
 from xpar.model import MoETransformerLM
-from xpar.parallel.zero import deepspeed_config, optimizer_groups
+from xpar.persist import read_model
+from xpar.training.zero import deepspeed_config, optimizer_groups
 
 from distributed import assert_all_ok, one_line_on_every_rank, run_ranks, torchrun
 from jobs import FAST, build, run_cli
@@ -42,6 +42,12 @@ def assert_close(a: dict, b: dict, rtol: float = 1e-4) -> None:
     assert sorted(a) == sorted(b)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=rtol), step
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and any(k.startswith("optim/exp_avg/") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -138,14 +144,14 @@ def test_zero_runs_match_one_process_and_resume(tmp_path):
     assert_close(again, cli(tmp_path, "plain", 1, [f"trainer.resume={saved}"]))
     assert digest(saved) == before  # resuming reads only
 
-    # Consolidated: the export loads into a single-process model; re-saving at EP=4 right
-    # after loading gives bitwise the same consolidated weights and moments.
+    # Consolidated: the export loads into a single-process model and holds what the sharded
+    # checkpoint holds; re-saving at EP=4 right after loading gives bitwise the same
+    # consolidated weights and moments.
     exported = export(saved, tmp_path / "export")
     model = MoETransformerLM(build(BASE).model_config())
-    model.load_state_dict(load_file(exported / "model.safetensors"), strict=True)
-    shards = [load_file(saved / f"experts-ep{k}-of-2.safetensors") for k in range(2)]
-    for name, bank in shards[0].items():
-        assert torch.equal(model.state_dict()[name], torch.cat([bank, shards[1][name]]))
+    model.load_state_dict(read_model(exported).state, strict=True)
+    source = consolidate(saved).tensors
+    assert_same_tensors(consolidate(exported).tensors, source)
     results = run_ranks(
         [
             str(Path(__file__).parent / "zero_check.py"),
@@ -157,10 +163,8 @@ def test_zero_runs_match_one_process_and_resume(tmp_path):
         timeout=300,
     )
     assert_all_ok(results)
-    resaved = export(tmp_path / "resaved" / "checkpoints", tmp_path / "export_ep4")
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a, b = load_file(exported / name), load_file(resaved / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    resaved = consolidate(tmp_path / "resaved" / "checkpoints").tensors
+    assert_same_tensors(resaved, source)
 
 
 # ---- bad checkpoints -----------------------------------------------------------------------
@@ -195,10 +199,11 @@ def test_a_checkpoint_of_another_model_names_both_values(tmp_path, zero_checkpoi
 def test_a_missing_shard_is_named(tmp_path, zero_checkpoint):
     broken = tmp_path / "broken"
     shutil.copytree(zero_checkpoint, broken)
-    (broken / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    shard = sorted((broken / "state").glob("shard-00002-*"))[0]  # one of rank 1's files
+    shard.unlink()
     before = digest(broken)
     line = one_line_error(tmp_path, [f"trainer.resume={broken}"])
-    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in line
+    assert f"state/{shard.name} is missing" in line
     assert digest(broken) == before
 
 

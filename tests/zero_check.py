@@ -35,10 +35,12 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def grads(stage: str, out: Path) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
-    from xpar.parallel.zero import local_optimizer_bytes
+    from xpar.training.zero import local_optimizer_bytes
 
-    cfg_ref = build([*BASE, "parallel.ep_size=2", "run_name=ref"])
-    cfg_zero = build([*BASE, "parallel.ep_size=2", f"deepspeed=zero{stage}", "run_name=z"])
+    # Unclipped gradients are compared: DeepSpeed clips inside its step, after they are read.
+    same = [*BASE, "parallel.ep_size=2", "optim.grad_clip=0"]
+    cfg_ref = build([*same, "run_name=ref"])
+    cfg_zero = build([*same, f"deepspeed=zero{stage}", "run_name=z"])
     mesh = init_mesh(cfg_ref.parallel, cfg_ref.moe, torch.device("cpu"))
     ref = Trainer(cfg_ref, out / f"ref{mesh.layout.rank}", {}, mesh)
     zero = Trainer(cfg_zero, out / f"zero{mesh.layout.rank}", {}, mesh)
@@ -53,22 +55,18 @@ def grads(stage: str, out: Path) -> dict:
 
     batch = ref.data.train.next_step()
     n = len(batch)
-    for i, tokens in enumerate(batch):
-        with ref.pm.no_sync(sync=i == n - 1):
-            o = ref._forward(tokens, ref.pm)
-            ((o.loss + o.aux_loss) / n).backward()
-    ref.pm.reduce_expert_grads()
-    for tokens in batch:
-        o = zero._forward(tokens, zero.engine)
-        zero.engine.backward((o.loss + o.aux_loss) / n, scale_wrt_gas=False)
-        if not zero.engine.is_gradient_accumulation_boundary():
-            zero.engine.step()
+    for trainer in (ref, zero):
+        for i, tokens in enumerate(batch):
+            with trainer.backend.micro_step(last=i == n - 1) as module:
+                o = trainer._forward(tokens, module)
+                trainer.backend.backward((o.loss + o.aux_loss) / n)
+    ref.backend.clip_grad_norm()  # reduces; optim.grad_clip=0 only measures
     diffs = {"expert": 0.0, "dense": 0.0}
     for name, p in ref_params.items():
         kind = "expert" if name in experts else "dense"
         got = safe_get_full_grad(zero_params[name])
         diffs[kind] = max(diffs[kind], rel_diff(got, p.grad))
-    zero.engine.step()
+    zero.backend.clip_grad_norm()  # DeepSpeed's step
     dense_numel = sum(p.numel() for n, p in ref_params.items() if n not in experts)
     expert_numel = sum(ref_params[n].numel() for n in experts)
     # Replicated: an fp32 master copy and AdamW's two moments of every parameter, on every rank.
@@ -78,7 +76,7 @@ def grads(stage: str, out: Path) -> dict:
         "experts_kept": kept,
         "expert_checksum": checksum,
         "grad_rel_diff": diffs,
-        "bytes": local_optimizer_bytes(zero.engine),
+        "bytes": local_optimizer_bytes(zero.backend.engine),
         "replicated": {"dense": 12 * dense_numel, "expert": 12 * expert_numel},
         "world": mesh.layout.world,
         "edp": mesh.layout.edp_size,

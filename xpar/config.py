@@ -7,8 +7,10 @@ sections against each other once they are all built.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -19,8 +21,21 @@ from xpar.checks import UserError, at_least, one_of
 from xpar.data.config import DataConfig, HFLabelsDataConfig, HFTextDataConfig, SyntheticDataConfig
 from xpar.model import PRESETS, ModelConfig
 from xpar.moe import MoEConfig
+from xpar.parallel.config import ParallelConfig
 from xpar.tasks.config import FinetuneConfig, TaskConfig
 
+
+def _conf_dir() -> str:
+    """The Hydra config tree: the package xpar.conf (the repository's conf/, which a wheel
+    ships inside xpar and an editable install maps there); in a source tree that is not
+    installed, conf/ beside the package."""
+    try:
+        return str(Path(importlib.import_module("xpar.conf").__file__).parent)
+    except ModuleNotFoundError:
+        return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+CONF_DIR = _conf_dir()
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -101,25 +116,6 @@ class TrainerConfig:
             raise UserError(f"trainer.resume={self.resume!r} must be true, false or a path")
         if self.init_from == "":
             raise UserError("trainer.init_from='' must be a path (or null for fresh weights)")
-
-
-@dataclass
-class ParallelConfig:
-    """Process layout under torchrun: experts sharded over EP groups of `ep_size` consecutive
-    ranks, dense parameters data-parallel over all ranks (see xpar.parallel.mesh)."""
-
-    ep_size: int = 1
-    # Balancing-loss statistics summed over all ranks (load balance is a property of the
-    # global batch); false keeps them per rank.
-    reduce_aux_stats: bool = True
-    # Send a token once per destination rank and expand it to its experts there. None: on for
-    # two-level routing, whose groups live on ranks.
-    dedup: bool | None = None
-    timeout_s: int = 600  # a collective that waits longer fails instead of hanging
-
-    def __post_init__(self) -> None:
-        at_least("parallel.ep_size", self.ep_size, 1)
-        at_least("parallel.timeout_s", self.timeout_s, 1)
 
 
 ZERO_STAGES = (0, 1, 2, 3)

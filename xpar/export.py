@@ -1,8 +1,12 @@
-"""`python -m xpar.export CHECKPOINT OUT_DIR`: write any xpar checkpoint (a DeepSpeed one with
-its per-rank partitions, or a plain one) as one consolidated plain checkpoint: the global model
-in OUT_DIR/step_N/model.safetensors (loads into a single-process MoETransformerLM with
-load_state_dict) with the optimizer state, schedule and trainer state beside it, so that
-`trainer.resume=OUT_DIR` continues the run in one process or at any EP size.
+"""`python -m xpar.export CHECKPOINT OUT_DIR`: any xpar checkpoint as one consolidated
+checkpoint for a single process, `OUT_DIR/step_N/`: the whole model and optimizer state in one
+rank's files (one per layer), what it is, the schedule, data position and rank 0's RNG, so that
+`trainer.resume=OUT_DIR/step_N` continues the run in one process or at any layout, and
+`trainer.init_from` and `python -m xpar.hf export` take it from anywhere.
+
+CHECKPOINT may be written by any layout and backend, or by xpar's first format (gathered
+weights, or DeepSpeed's own files), which this converts; a step_N dir, or a checkpoints or run
+dir (its newest checkpoint). The whole state passes through this one process's memory.
 """
 
 from __future__ import annotations
@@ -11,31 +15,40 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from xpar.checks import UserError, report_error
-from xpar.training import checkpoint as ckpt
-from xpar.training import zero_checkpoint as zc
+from xpar.persist import artefact
+from xpar.persist.checkpoint import TRAINER, open_checkpoint, rng_file
+from xpar.persist.sharded import Fragment
+from xpar.persist.staged import json_bytes
+from xpar.training.legacy import Consolidated, is_first_format, read_first_format
+
+
+def consolidate(src: Path) -> Consolidated:
+    """The checkpoint at `src` whole, in this process."""
+    path = artefact.resolve_source(src)
+    if is_first_format(path):
+        return read_first_format(path)
+    checkpoint = open_checkpoint(path)
+    d = checkpoint.description
+    tensors = {k: torch.empty(v.numel, dtype=v.torch_dtype) for k, v in d.tensors.items()}
+    checkpoint.read({k: Fragment.whole(t) for k, t in tensors.items()})
+    d.source = f"exported from {checkpoint.path}"
+    d.layout = {"world": 1, "ep_size": 1, "backend": "export"}
+    trainer, rng = checkpoint.json(TRAINER), checkpoint.json(rng_file(0))
+    return Consolidated(d, tensors, trainer, rng, checkpoint.tokenizer)
 
 
 def export(src: Path, out: Path) -> Path:
-    """Consolidate `src` (a step_N dir, or a checkpoints dir: its newest) into `out`."""
-    src = Path(src)
-    if src.is_dir() and not (src / "meta.json").exists():
-        newest = ckpt.latest_checkpoint(src)
-        if newest is None:
-            raise UserError(f"{src} holds no complete checkpoint")
-        src = newest
-    if zc.is_zero_checkpoint(src):
-        desc = zc.verify(src)
-        ck = zc.read_as_plain(src)
-        zc.restore_rng(src, desc, rank=0)  # saved with the export: rank 0's RNG state
-    else:
-        ck = ckpt.load_checkpoint(src, model_shapes=None)
-    step = int(ck.extra["step"])
-    if (Path(out) / f"step_{step}").exists():
-        raise UserError(f"{out}/step_{step} already exists; pick another OUT_DIR")
-    return ckpt.save_checkpoint(
-        Path(out), step, ck.model_state, ck.optimizer_state, ck.scheduler_state, ck.extra
-    )
+    """Consolidate `src` into `out/step_N` (see the module docstring); returns that path."""
+    c = consolidate(src)
+    final = Path(out) / f"step_{c.description.step}"
+    if final.exists():
+        raise UserError(f"{final} already exists; pick another OUT_DIR")
+    files = {TRAINER: json_bytes(c.trainer, TRAINER), rng_file(0): json_bytes(c.rng, "RNG")}
+    state = {k: Fragment.whole(t) for k, t in c.tensors.items()}
+    return artefact.write(final, c.description, state, files=files, tokenizer=c.tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         path = export(args.checkpoint, args.out_dir)
     except UserError as e:
         return report_error(str(e))
-    print(f"wrote {path / 'model.safetensors'} (and the optimizer state beside it)")
+    print(f"wrote {path} (a consolidated checkpoint; resume or init_from it anywhere)")
     return 0
 
 

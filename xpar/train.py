@@ -27,10 +27,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from xpar.checks import UserError, report_error
-from xpar.config import TrainConfig, register_configs, to_train_config
+from xpar.config import CONF_DIR, TrainConfig, register_configs, to_train_config
 from xpar.parallel.mesh import check_layout, join_process_group, world_from_env
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("xpar.train")
 
 
@@ -63,21 +62,32 @@ def check_overrides(overrides: list[str]) -> DictConfig | None:
         GlobalHydra.instance().clear()
 
 
-def adopt_init_architecture(job: DictConfig, overrides: list[str]) -> None:
-    """`trainer.init_from=PATH` makes the run take PATH's architecture (the `model` and `moe`
-    sections), so that fine-tuning an upcycled, imported or earlier model needs no model
-    flags. The command line's own `model.KEY=`/`moe.KEY=` values, and those of a `moe=NAME`
-    option, still win (routing knobs such as moe.capacity_factor may change; shapes must
-    match), and `model=NAME` turns it off."""
-    path = OmegaConf.select(job, "trainer.init_from")
+def adopt_architecture(job: DictConfig, overrides: list[str]) -> None:
+    """`trainer.resume=PATH` and `trainer.init_from=PATH` make the run take PATH's
+    architecture (the `model` and `moe` sections, which every artefact holds), so that
+    resuming a checkpoint from anywhere, or fine-tuning an upcycled, imported or earlier model,
+    needs no model flags. The command line's own `model.KEY=`/`moe.KEY=` values, and those of
+    a `moe=NAME` option, still win (routing knobs such as moe.capacity_factor may change;
+    shapes must match), and `model=NAME` turns it off. A resume path that holds no artefact is
+    left to the trainer, which says what it found there."""
+    from xpar.persist import read_model_info  # torch-heavy; after parsing
+
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
-    if not path or "model" in keys:
+    if "model" in keys:
+        return
+    resume = OmegaConf.select(job, "trainer.resume")
+    if isinstance(resume, str) and resume.lower() not in ("true", "false"):
+        try:
+            arch_of = read_model_info(resume)[0]
+        except UserError:
+            return
+    elif path := OmegaConf.select(job, "trainer.init_from"):
+        arch_of = read_model_info(path)[0]
+    else:
         return
     for option in [o.split("=", 1)[1] for o in overrides if o.startswith("moe=")]:
         keys |= {f"moe.{k}" for k in OmegaConf.load(Path(CONF_DIR) / "moe" / f"{option}.yaml")}
-    from xpar.training.model_dir import read_model_info  # torch-heavy; after parsing
-
-    arch = dataclasses.asdict(read_model_info(path)[0])
+    arch = dataclasses.asdict(arch_of)
     moe = arch.pop("moe")
     # merge_with, not assignment: OmegaConf 2.3 refuses a dict assigned over a None dataclass
     # node (model.mla, moe).
@@ -86,7 +96,9 @@ def adopt_init_architecture(job: DictConfig, overrides: list[str]) -> None:
         if moe is None:
             job.moe = None
         else:
-            job.merge_with({"moe": {k: v for k, v in moe.items() if f"moe.{k}" not in keys}})
+            # moe.d_model stays conf/config.yaml's ${model.d_model}.
+            kept = {k: v for k, v in moe.items() if f"moe.{k}" not in keys and k != "d_model"}
+            job.merge_with({"moe": kept})
 
 
 def join_checked(cfg: TrainConfig) -> None:
@@ -108,7 +120,7 @@ def prepare_distributed(composed: DictConfig | None, overrides: list[str]) -> No
     with open_dict(job):
         del job["hydra"]
     try:
-        adopt_init_architecture(job, overrides)
+        adopt_architecture(job, overrides)
         cfg = to_train_config(job)
         join_checked(cfg)
     except UserError as e:
@@ -185,7 +197,7 @@ def run(cfg: DictConfig) -> None:
     quiet_other_ranks()
     world, rank, _ = world_from_env()
     try:
-        adopt_init_architecture(cfg, list(HydraConfig.get().overrides.task))
+        adopt_architecture(cfg, list(HydraConfig.get().overrides.task))
         train_cfg = to_train_config(cfg)
         if world > 1 and not dist.is_initialized():  # submitit's tasks join here
             join_checked(train_cfg)

@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from xpar.config import register_configs, to_train_config
+from xpar.config import CONF_DIR, register_configs, to_train_config
 from xpar.model import flops_per_token
-from xpar.train import CONF_DIR
 
 ROWS = {"deepspeed=none": ["deepspeed=none"], "deepspeed=zero2": ["deepspeed=zero2"]}
 

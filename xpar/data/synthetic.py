@@ -18,6 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xpar.data.bundle import DataBundle, Sharding
+from xpar.data.config import SyntheticDataConfig
+from xpar.data.loader import TensorSequences
+
 
 @dataclass
 class MarkovMixture:
@@ -111,3 +115,26 @@ def build_synthetic(
     val_NL, val_domain_N = mixture.sample(num_val, seq_len + 1, seed=seed + 2)
     floor = float(mixture.bayes_nll(val_NL).mean())
     return SyntheticSplits(train_NL, val_NL, val_domain_N, floor, mixture)
+
+
+def build_synthetic_data(cfg: SyntheticDataConfig, model_vocab: int, shard: Sharding) -> DataBundle:
+    """The corpus `cfg` describes as an LM's data: this rank's batches of the training split,
+    the validation split and its floor."""
+    vocab = cfg.vocab_size or model_vocab
+    splits = build_synthetic(
+        vocab_size=vocab,
+        seq_len=cfg.seq_len,
+        num_domains=cfg.num_domains,
+        branching=cfg.branching,
+        concentration=cfg.concentration,
+        num_train=cfg.num_train,
+        num_val=cfg.num_val,
+        seed=cfg.seed,
+    )
+    train = shard.loader(TensorSequences(splits.train_NL), cfg.batch_size)
+    description = (
+        f"synthetic corpus: {cfg.num_domains} Markov domains over {vocab} tokens, "
+        f"{cfg.num_train} train / {cfg.num_val} val sequences of {cfg.seq_len + 1} tokens, "
+        f"entropy floor {splits.floor:.4f} nats/token"
+    )
+    return DataBundle(train, TensorSequences(splits.val_NL), vocab, splits.floor, description)

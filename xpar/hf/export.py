@@ -17,7 +17,7 @@ from xpar.hf import deepseek, families
 from xpar.hf.hf_dir import write_hf_dir
 from xpar.hf.names import to_hf
 from xpar.model import ModelConfig
-from xpar.training.model_dir import ModelFiles, check_out_dir, read_model
+from xpar.persist import ModelFiles, check_out_dir, read_model
 
 
 @dataclass

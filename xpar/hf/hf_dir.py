@@ -11,11 +11,13 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from xpar.checks import UserError
-from xpar.training import checkpoint as ckpt
-from xpar.training.model_dir import save_tokenizer, staged_dir
+from xpar.persist.artefact import save_tokenizer
+from xpar.persist.describe import FORMAT_VERSION
+from xpar.persist.staged import Staged, fsync, write_bytes
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+HF_KIND = "huggingface"  # what xpar's manifest of a Hugging Face dir says it is
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -107,17 +109,19 @@ def write_hf_dir(
     out: Path, config: dict[str, Any], state: dict[str, Tensor], tokenizer: str | None
 ) -> Path:
     """Write config.json, model.safetensors and the tokenizer into a temp dir beside `out`,
-    then rename it into place: a failure leaves no half-written checkpoint. The tokenizer's
-    special token ids go into the config, since the model alone does not know them."""
-    with staged_dir(out) as tmp:
+    then rename it into place (xpar's meta.json, with every file's sha256, beside them): a
+    failure leaves no half-written checkpoint. The tokenizer's special token ids go into the
+    config, since the model alone does not know them."""
+    with Staged(out) as staged:
+        tmp = staged.tmp
         if tokenizer is not None:
             tok = save_tokenizer(tokenizer, tmp)
             ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
             config = {**config, **ids, "pad_token_id": tok.pad_token_id}
         tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
         save_file_hf(tensors, tmp / SINGLE)
-        ckpt.write_file(tmp / "config.json", json.dumps(config, indent=2).encode() + b"\n")
-    return Path(out)
+        write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode() + b"\n")
+        return staged.commit(None, {"format_version": FORMAT_VERSION, "kind": HF_KIND})
 
 
 def save_file_hf(tensors: dict[str, Tensor], path: Path) -> None:
@@ -125,4 +129,4 @@ def save_file_hf(tensors: dict[str, Tensor], path: Path) -> None:
 
     # transformers refuses safetensors files without the "pt" format tag.
     save_file(tensors, path, metadata={"format": "pt"})
-    ckpt.fsync(path)
+    fsync(path)

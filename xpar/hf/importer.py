@@ -13,7 +13,7 @@ from xpar.hf import deepseek, families
 from xpar.hf.hf_dir import HFWeights, has_tokenizer, read_hf_config
 from xpar.hf.names import check_shapes, from_hf
 from xpar.model import ModelConfig
-from xpar.training.model_dir import check_out_dir, write_model_dir
+from xpar.persist import check_out_dir, write_model_dir
 
 
 def import_hf(src: Path, out: Path) -> tuple[Path, ModelConfig, str]:

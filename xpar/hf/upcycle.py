@@ -27,7 +27,7 @@ from xpar.hf.hf_dir import HFWeights, has_tokenizer, read_hf_config
 from xpar.hf.names import check_shapes, common_names, dense_ffn_names
 from xpar.model import ModelConfig
 from xpar.moe import MoEConfig
-from xpar.training.model_dir import check_out_dir, write_model_dir
+from xpar.persist import check_out_dir, write_model_dir
 
 MODEL_KEYS = ("first_k_dense", "moe_every")
 # What keeps an upcycled layer equal to the dense MLP: top-k weights that sum to 1, nothing

@@ -11,15 +11,17 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from xpar.checks import UserError
-from xpar.config import ParallelConfig
 from xpar.moe import MoEConfig
+from xpar.parallel.config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,50 @@ def check_layout(parallel: ParallelConfig, moe: MoEConfig | None, world: int) ->
 
 @dataclass
 class Mesh:
-    """The process groups of one job (all None in a world of one)."""
+    """The process groups of one job (all None in a world of one), and the few collectives
+    outside the MoE layer: statistics, small state and barriers. In a world of one every
+    collective here is skipped."""
 
     layout: Layout
     device: torch.device
     device_mesh: DeviceMesh | None = None
+
+    @classmethod
+    def solo(cls, device: torch.device | str = "cpu") -> Mesh:
+        """One process (a tool such as `python -m xpar.export`, or a single-process run)."""
+        return cls(Layout(1, 0, 1), torch.device(device))
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the job's default process group joins several processes."""
+        return self.layout.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum over all ranks, as a new tensor (statistics, losses to report)."""
+        t = t.clone()
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (small, JSON-able state such as a data position), in rank order."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.layout.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     @property
     def world_group(self) -> ProcessGroup | None:
@@ -102,13 +143,23 @@ def backend_for(device: torch.device) -> str:
 
 
 def join_process_group(device: torch.device, timeout_s: int) -> None:
-    """Join the job's default process group (torchrun's environment names it): nccl on GPUs,
-    gloo on the CPU. A no-op when already joined."""
+    """Join the job's default process group: the one torchrun's environment names, nccl on
+    GPUs and gloo on the CPU, or, in a single process, a group of one in memory (for libraries
+    that want one, such as DeepSpeed). A no-op when already joined. The only place xpar
+    initialises a process group."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
+    if dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if world_from_env()[0] > 1:
         dist.init_process_group(backend_for(device), timeout=timeout)
+        return
+    dist.init_process_group(
+        backend_for(device), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+    )
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # DeepSpeed reads them
 
 
 def init_mesh(parallel: ParallelConfig, moe: MoEConfig | None, device: torch.device) -> Mesh:

@@ -1,23 +1,10 @@
-"""Early stopping and the best model by one validation metric (`finetune.monitor`,
-`finetune.patience`, `finetune.keep_best`)."""
+"""Early stopping by one validation metric (`finetune.monitor`, `finetune.patience`), and the
+best value so far, whose model `finetune.keep_best` keeps (xpar.training.checkpointing)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any
-
-import torch.distributed as dist
-
-from xpar.model import ModelConfig
-from xpar.parallel.parallelize import ParallelModel
-from xpar.parallel.state import full_model_state
-from xpar.training.model_dir import TaskInfo, write_model_dir
-
-BEST_DIR = "best"
-BEST_INFO = "best.json"
 
 
 class Monitor:
@@ -49,6 +36,10 @@ class Monitor:
     def describe(self) -> str:
         return f"{self.metric}={self.best:.4f} at step {self.best_step}"
 
+    def best_info(self) -> dict[str, Any]:
+        """The best evaluation so far, as best.json records it."""
+        return {"step": self.best_step, "metric": self.metric, "value": self.best}
+
     def state_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "best": self.best, "best_step": self.best_step,
                 "bad_evals": self.bad_evals}  # fmt: skip
@@ -59,28 +50,3 @@ class Monitor:
         if state and state.get("metric") == self.metric:
             self.best, self.best_step = state["best"], state["best_step"]
             self.bad_evals = int(state["bad_evals"])
-
-
-def save_best(
-    pm: ParallelModel,
-    run_dir: Path,
-    model_cfg: ModelConfig,
-    task: TaskInfo,
-    tokenizer: str | None,
-    monitor: Monitor,
-) -> Path:
-    """Write the model as it is now to `run_dir/best` (a model dir, replaced whole) with
-    `best.json` {step, metric, value} inside. Every rank takes part (the experts are
-    gathered); rank 0 writes."""
-    state = full_model_state(pm)
-    out = Path(run_dir) / BEST_DIR
-    if pm.mesh.layout.rank == 0:
-        source = f"{run_dir} step {monitor.best_step} ({monitor.metric}={monitor.best})"
-        write_model_dir(out, state, model_cfg, task, tokenizer, source=source, overwrite=True)
-        info = {"step": monitor.best_step, "metric": monitor.metric, "value": monitor.best}
-        tmp = out / f".{BEST_INFO}.tmp"
-        tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, out / BEST_INFO)
-    if pm.mesh.layout.world > 1:
-        dist.barrier()
-    return out

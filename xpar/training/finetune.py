@@ -6,15 +6,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from xpar.checks import UserError
 from xpar.model import ModelConfig
 from xpar.model.trainable import head_names
 from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
-from xpar.parallel.state import full_model_shapes, load_full_model_state
+from xpar.persist.artefact import open_artefact
+from xpar.persist.fragments import global_shapes, module_fragments, param_name
 from xpar.tasks.config import TaskConfig
-from xpar.training.model_dir import ModelFiles, read_model
 
 __all__ = ["head_names", "load_init_weights", "trainable_counts"]
 
@@ -57,68 +57,47 @@ def _short(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _head_loads(files: ModelFiles, task: TaskConfig, labels: list[str] | None) -> bool:
-    """A task head carries over only to the same task over the same labels."""
-    return task.kind != "lm" and files.task.kind == task.kind and files.task.labels == labels
-
-
-def init_state(
-    files: ModelFiles,
-    shapes: dict[str, tuple[int, ...]],
-    current: dict[str, Tensor],
-    head: set[str],
-    keep_head: bool,
-) -> tuple[dict[str, Tensor], list[str]]:
-    """The global state to load: every tensor of `shapes` from the source weights, except the
-    head when it does not carry over (then this model's own, fresh). Returns it and what kept
-    its fresh value. The source's unused head (an LM head under a task head) is dropped."""
-    state, fresh = {}, []
-    missing, wrong = [], []
-    for name, shape in shapes.items():
-        if name in head and not keep_head:
-            state[name] = current[name]
-            fresh.append(name)
-            continue
-        if name not in files.state:
-            missing.append(name)
-        elif tuple(files.state[name].shape) != tuple(shape):
-            wrong.append(f"{name} {list(files.state[name].shape)} vs {list(shape)}")
-        else:
-            state[name] = files.state[name]
-    where = f"trainer.init_from={files.path}"
-    if missing:
-        raise UserError(f"{where}: the weights lack {_short(missing)}; is it the same model?")
-    if wrong:
-        raise UserError(f"{where}: shapes differ (weights vs run): {_short(wrong)}")
-    return state, fresh
-
-
 def load_init_weights(
     pm: ParallelModel, path: str, task: TaskConfig, labels: list[str] | None
 ) -> str:
     """Load the weights at `path` (a model dir, a checkpoint, a checkpoints dir or a run dir)
-    into `pm`, whatever its EP size: weights only, never optimizer state or step. The
-    backbone must match; the task head loads only when the source was trained for the same
-    task over the same labels, else it keeps its fresh init. Call it before DeepSpeed takes
-    the module (its master copies are made from the weights at that point). Returns a line
-    saying what was loaded."""
-    files = read_model(path)
-    module = pm.module
-    shapes = full_model_shapes(pm)
-    head = head_names(module) if task.kind != "lm" else set()
-    keep_head = _head_loads(files, task, labels)
-    if task.kind == "lm" and files.task.kind != "lm":
+    into `pm`, whatever its layout: weights only, never optimizer state or step, and each rank
+    reads only what it holds. The backbone must match; the task head loads only when the
+    source was trained for the same task over the same labels, else it keeps its fresh init.
+    Call it before a backend takes the module (DeepSpeed copies the weights when it starts).
+    Returns a line saying what was loaded."""
+    source = open_artefact(path, pm.mesh)
+    saved = source.description
+    if task.kind == "lm" and saved.task.kind != "lm":
         raise UserError(
-            f"trainer.init_from={path} holds a task={files.task.kind} model, which has no LM "
-            f"head; continue it with task={files.task.kind}"
+            f"trainer.init_from={path} holds a task={saved.task.kind} model, which has no LM "
+            f"head; continue it with task={saved.task.kind}"
         )
-    state, fresh = init_state(files, shapes, module.state_dict(), head, keep_head)
-    load_full_model_state(pm, state)
-    line = f"initialised from {files.path}: {len(state) - len(fresh)} tensors"
-    if fresh:
-        why = "different labels" if files.task.kind == task.kind else f"task {files.task.kind}"
+    module = pm.module
+    head = head_names(module) if task.kind != "lm" else set()
+    # A task head carries over only to the same task over the same labels.
+    keep_head = task.kind != "lm" and saved.task.kind == task.kind and saved.task.labels == labels
+    fragments = module_fragments(module, pm.mesh.layout)
+    shapes = global_shapes(module, pm.mesh.layout.ep_size)
+    load = {k: v for k, v in fragments.items() if keep_head or param_name(k) not in head}
+    missing, wrong = [], []
+    for key in load:
+        name, info = param_name(key), saved.tensors.get(key)
+        if info is None:
+            missing.append(name)
+        elif list(info.shape) != list(shapes[name]):
+            wrong.append(f"{name} {list(info.shape)} vs {list(shapes[name])}")
+    where = f"trainer.init_from={source.path}"
+    if missing:
+        raise UserError(f"{where}: the weights lack {_short(missing)}; is it the same model?")
+    if wrong:
+        raise UserError(f"{where}: shapes differ (weights vs run): {_short(wrong)}")
+    source.read(load)
+    line = f"initialised from {source.path}: {len(load)} tensors"
+    if len(load) < len(fragments):
+        why = "different labels" if saved.task.kind == task.kind else f"task {saved.task.kind}"
         line += f"; fresh {task.kind} head (the weights were trained for {why})"
-    changes = architecture_changes(files.model, module.cfg)
+    changes = architecture_changes(saved.model, module.cfg)
     if changes:
         line += f"; run differs from the weights in {_short(changes)}"
     return line

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from xpar.checks import UserError
 from xpar.config import OptimConfig
 from xpar.model.trainable import head_names
 
@@ -82,3 +84,19 @@ def build_scheduler(
         return lr_multiplier(step, cfg, total_steps)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any]) -> None:
+    """Load a LambdaLR state saved with any number of parameter groups (DeepSpeed runs have an
+    expert group more): every group follows the same schedule from the same base lr."""
+    n = len(scheduler.optimizer.param_groups)
+    for key in ("base_lrs", "_last_lr"):
+        values = state.get(key)
+        if isinstance(values, list) and len(values) != n:
+            if len(set(values)) != 1:
+                raise UserError(f"the checkpoint's schedule has per-group {key} {values}")
+            state[key] = values[:1] * n
+    scheduler.load_state_dict(state)
+    # The groups' current lr too: a re-sharded optimizer state does not carry it.
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from xpar.model import LMOutput
-from xpar.parallel.parallelize import ParallelModel
+from xpar.parallel.mesh import Mesh
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Tally:
                         self.a2a[i] += getattr(a.a2a, name)
 
     def reduce(
-        self, pm: ParallelModel, stop: bool = False, grad_norm: Tensor | None = None
+        self, mesh: Mesh, stop: bool = False, grad_norm: Tensor | None = None
     ) -> tuple[StepStats, float]:
         """The step's statistics summed over ranks (one all-reduce, in which each rank's
         all-to-all figures sit in its own slot: a gather) and read to the host in one copy,
@@ -80,7 +80,7 @@ class Tally:
         a2a_WF[self.rank] = torch.tensor(self.a2a, dtype=torch.float64)
         extra = torch.tensor([self.weight, float(stop)], dtype=torch.float64, device=self.device)
         parts = [self.sums, extra, a2a_WF.flatten(), self.counts_LE.flatten(), self.counts]
-        packed = pm.all_reduce_sum(torch.cat(parts))
+        packed = mesh.all_reduce_sum(torch.cat(parts))
         norm = torch.zeros(1) if grad_norm is None else grad_norm.double().reshape(1)
         values = torch.cat([packed, norm.to(packed.device)]).cpu()
         sums, weight, stop_votes = values[:3], values[3], values[4]

@@ -18,6 +18,8 @@ from typing import Any, TextIO
 import numpy as np
 
 from xpar.config import LoggerConfig
+from xpar.training.load_plot import load_figure
+from xpar.training.records import read_records
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +168,6 @@ class Tracker:
             log.info("dropped %d lines after step %d from %s", dropped, resume_step, metrics)
         self._history = LoadHistory()
         if resume_step is not None:  # the heatmap over time goes on from the earlier steps
-            from xpar.report import read_records
-
             for record in read_records(metrics):
                 self._history.add(record["step"], record.get("expert_load"))
         self._file = metrics.open("a")
@@ -290,8 +290,6 @@ class Tracker:
     def _save_load_over_time(self) -> Path | None:
         """`plots/expert_load_over_time.png`: the expert load of the logged training steps so
         far (experts by steps, one panel per MoE layer)."""
-        from xpar.report import load_figure
-
         if not self._history.steps:
             return None
         path = self.run_dir / "plots" / "expert_load_over_time.png"

@@ -29,16 +29,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from xpar.checks import UserError
 from xpar.config import TrainConfig
-from xpar.data import Sharding, build_data, check_token_ids
+from xpar.data import Sharding, check_token_ids
 from xpar.model import flops_per_token
 from xpar.parallel.mesh import Mesh, init_mesh, world_from_env
 from xpar.parallel.parallelize import parallelize
 from xpar.tasks.models import build_model
 from xpar.tasks.runner import build_runner
-from xpar.training import checkpoint as ckpt
+from xpar.training.backend import build_backend
+from xpar.training.checkpointing import Checkpoints, resume_path
 from xpar.training.finetune import load_init_weights, trainable_counts
-from xpar.training.optim import build_optimizer, build_scheduler
-from xpar.training.resume import load_state, resume_path, save_state
+from xpar.training.inputs import build_data
+from xpar.training.optim import build_scheduler, load_scheduler
 from xpar.training.stats import StepStats, Tally
 from xpar.training.tracking import Tracker
 from xpar.training.validation import Validation
@@ -59,7 +60,7 @@ class StepResult(StepStats):
 
     grad_norm: float = math.nan
     skipped: bool = False
-    overflow: bool = False  # fp16: skipped because the loss scale overflowed (not a bad step)
+    overflow: str | None = None  # fp16: skipped for a loss-scale overflow (not a bad step)
 
 
 @dataclass
@@ -100,10 +101,11 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Builds the model, data, optimizer and tracker for a TrainConfig and runs the loop.
+    """Builds the model, data, backend and tracker for a TrainConfig and runs the loop.
 
     The model is built on the meta device and materialised by parallelize(), so its weights
-    are the same whatever the number of processes and EP size.
+    are the same whatever the number of processes and EP size. The loop steps through the
+    backend (xpar.training.backend) and knows nothing of how it reduces or partitions.
     """
 
     def __init__(
@@ -129,21 +131,17 @@ class Trainer:
         seed_everything(tc.seed)
         with torch.device("meta"):
             self.model = build_model(self.model_cfg, cfg.task, len(self.data.labels or ()))
-        zero = cfg.deepspeed.enabled
         ft = cfg.finetune
-        self.pm = parallelize(self.model, self.mesh, cfg.parallel, ddp=not zero, train=ft.train)
+        self.pm = parallelize(self.model, self.mesh, cfg.parallel, train=ft.train)
         self._init_from(tc.init_from, resume_from)
-        self.engine = None
-        if zero:
-            from xpar.parallel.zero import initialize  # DeepSpeed loads only when asked for
-
-            self.engine = initialize(self.pm, cfg, micro, self.accum_steps)
-            self.optimizer = self.engine.basic_optimizer
-        else:
-            self.optimizer = build_optimizer(self.model, cfg.optim, self.device, ft.head_lr)
+        self.backend = build_backend(self.pm, cfg, micro, self.accum_steps)
+        self.optimizer = self.backend.optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
-        self.validation = Validation(cfg, self.run_dir, self.pm, self.data, self.runner)
+        self.validation = Validation(cfg, self.pm, self.data, self.runner)
         self.monitor = self.validation.monitor
+        self.checkpoints = Checkpoints(
+            self.run_dir, self.pm, self.model_cfg, self.data.tokenizer, tc.keep_checkpoints
+        )
         self.step = self.bad_steps = self.bad_streak = 0
         if resume_from is not None:
             self._load(resume_from)
@@ -187,28 +185,14 @@ class Trainer:
             return
         log.info(load_init_weights(self.pm, path, self.cfg.task, self.data.labels))
 
-    def _check_task(self, path: Path) -> None:
-        """A checkpoint resumes only into the task and labels it was trained for."""
-        trainer_json = path / "trainer.json"
-        saved = ckpt.read_json(trainer_json).get("task") if trainer_json.is_file() else None
-        now = vars(self.validation.task_info())
-        if saved is not None and (saved["kind"], saved["labels"]) != (now["kind"], now["labels"]):
-            raise UserError(
-                f"trainer.resume: {path} was trained for task={saved['kind']} with labels "
-                f"{saved['labels']}, this run is task={now['kind']} with labels {now['labels']}; "
-                f"start a new run with trainer.init_from={path}"
-            )
-
     def _load(self, path: Path) -> None:
-        self._check_task(path)
-        extra = load_state(path, self.pm, self.optimizer, self.scheduler, self.engine)
-        self.step, self.bad_steps = int(extra["step"]), int(extra["bad_steps"])
-        self.bad_streak = int(extra["bad_streak"])
-        self.monitor.load_state_dict(extra.get("monitor"))
-        self.data.train.load_state_dict(self._own(extra["data"], "data position"))
-        if self.device.type == "cuda" and len(extra["cuda_rng"]) == self.world:
-            rng = torch.tensor(extra["cuda_rng"][self.rank], dtype=torch.uint8)
-            torch.cuda.set_rng_state(rng, self.device)
+        task = self.validation.task_info()
+        state = self.checkpoints.load(path, self.backend, task)
+        self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
+        self.bad_streak = int(state["bad_streak"])
+        self.monitor.load_state_dict(state.get("monitor"))
+        self.data.train.load_state_dict(self._own(state["data"], "data position"))
+        load_scheduler(self.scheduler, state["scheduler"])
         log.info("resumed from %s at step %d", path, self.step)
 
     def _own(self, per_rank: list, what: str):
@@ -225,21 +209,17 @@ class Trainer:
         )
 
     def save(self) -> Path:
-        cuda_rng = []
-        if self.device.type == "cuda":
-            cuda_rng = torch.cuda.get_rng_state(self.device).tolist()
-        extra = {
+        """A checkpoint of this step (every rank takes part)."""
+        state = {
             "step": self.step,
             "bad_steps": self.bad_steps,
             "bad_streak": self.bad_streak,
-            "data": self.pm.gather_objects(self.data.train.state_dict()),
-            "cuda_rng": self.pm.gather_objects(cuda_rng) if cuda_rng else [],
-            "task": vars(self.validation.task_info()),
+            "data": self.mesh.gather_objects(self.data.train.state_dict()),
             "monitor": self.monitor.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
         }
-        keep = self.cfg.trainer.keep_checkpoints
-        args = (self.pm, self.optimizer, self.scheduler, extra, keep, self.engine)
-        return save_state(self.ckpt_root, self.step, *args)
+        task = self.validation.task_info()
+        return self.checkpoints.save(self.step, self.backend, task, state)
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -262,52 +242,25 @@ class Trainer:
         unless anything is non-finite on any rank, in which case the weights, optimizer state
         and balancing biases stay as they were."""
         self.model.train()
-        if self.engine is not None:
-            return self._zero_step(micro_batches)
-        n = len(micro_batches)
+        n, backend = len(micro_batches), self.backend
         tally = self._tally()
-        for i, tokens_BL in enumerate(micro_batches):
-            with self.pm.no_sync(sync=i == n - 1):
-                out = self._forward(tokens_BL, self.pm)
-                ((out.loss + out.aux_loss) / n).backward()
+        for i, rows_BW in enumerate(micro_batches):
+            with backend.micro_step(last=i == n - 1) as module:
+                out = self._forward(rows_BW, module)
+                backend.backward((out.loss + out.aux_loss) / n)
             tally.add(out, 1.0 / n)
-        self.pm.reduce_expert_grads()
-        norm = self.pm.clip_grad_norm_(self.cfg.optim.grad_clip or math.inf)
-        stats, grad_norm = tally.reduce(self.pm, self._stop_signal is not None, norm)
-        skipped = not all(math.isfinite(v) for v in (stats.loss, stats.aux_loss, grad_norm))
-        if skipped:
-            self.model.discard_expert_load()
-        else:
-            self.optimizer.step()
+        norm = backend.clip_grad_norm()
+        stats, grad_norm = tally.reduce(self.mesh, self._stop_signal is not None, norm)
+        loss_finite = math.isfinite(stats.loss) and math.isfinite(stats.aux_loss)
+        outcome = backend.step(loss_finite, loss_finite and math.isfinite(grad_norm))
+        if outcome.applied:
             self.pm.update_expert_bias()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return StepResult(**vars(stats), grad_norm=grad_norm, skipped=skipped)
-
-    def _zero_step(self, micro_batches: list[Tensor]) -> StepResult:
-        """train_step through DeepSpeed: it reduces the gradients at the last micro-step, then
-        clips and steps, or skips a step whose gradients are not finite on some rank (under
-        fp16 also when the loss scale overflowed, which only lowers the scale)."""
-        engine, n = self.engine, len(micro_batches)
-        tally = self._tally()
-        for tokens_BL in micro_batches:
-            out = self._forward(tokens_BL, engine)
-            engine.backward((out.loss + out.aux_loss) / n, scale_wrt_gas=False)
-            engine.step()
-            tally.add(out, 1.0 / n)
-        norm = engine.get_global_grad_norm()
-        norm = torch.tensor(math.nan if norm is None else float(norm))
-        stats, grad_norm = tally.reduce(self.pm, self._stop_signal is not None, norm)
-        skipped = not engine.was_step_applied()
-        if skipped:
-            self.model.discard_expert_load()
         else:
-            self.pm.update_expert_bias()
+            self.model.discard_expert_load()
         self.scheduler.step()
-        finite = math.isfinite(stats.loss) and math.isfinite(stats.aux_loss)
-        overflow = skipped and finite and self.autocast_dtype == torch.float16
+        skipped = not outcome.applied and outcome.overflow is None
         return StepResult(
-            **vars(stats), grad_norm=grad_norm, skipped=skipped and not overflow, overflow=overflow
+            **vars(stats), grad_norm=grad_norm, skipped=skipped, overflow=outcome.overflow
         )
 
     # ---- evaluation --------------------------------------------------------------------------
@@ -318,7 +271,10 @@ class Trainer:
 
     def _eval_and_log(self) -> tuple[dict[str, float], np.ndarray]:
         metrics, load_LE, counts = self.evaluate()
-        self.validation.log(self.step, metrics, load_LE, self.tracker)
+        if self.validation.log(self.step, metrics, load_LE, self.tracker):
+            task, best = self.validation.task_info(), self.monitor.best_info()
+            path = self.checkpoints.save_best(self.backend, task, best)
+            log.info("best model so far (%s) in %s", self.monitor.describe(), path)
         return metrics, counts
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -457,8 +413,7 @@ class Trainer:
 
     def _count_bad(self, r: StepResult) -> None:
         if r.overflow:
-            scale = self.engine.optimizer.loss_scale
-            log.info("step %d skipped: fp16 loss scale overflow (scale now %g)", self.step, scale)
+            log.info("step %d skipped: %s", self.step, r.overflow)
         if not r.skipped:
             self.bad_streak = 0
             return

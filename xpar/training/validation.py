@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,10 +16,10 @@ import torch
 from xpar.config import TrainConfig
 from xpar.data import DataBundle, eval_batches
 from xpar.parallel.parallelize import ParallelModel
+from xpar.persist.describe import TaskInfo
 from xpar.tasks.metrics import format_report
 from xpar.tasks.runner import LMRunner
-from xpar.training.early_stop import Monitor, save_best
-from xpar.training.model_dir import TaskInfo
+from xpar.training.early_stop import Monitor
 from xpar.training.stats import Tally
 from xpar.training.tracking import Tracker
 
@@ -33,12 +32,11 @@ class Validation:
     def __init__(
         self,
         cfg: TrainConfig,
-        run_dir: Path,
         pm: ParallelModel,
         data: DataBundle,
         runner: LMRunner,
     ) -> None:
-        self.cfg, self.run_dir, self.pm, self.data, self.runner = cfg, run_dir, pm, data, runner
+        self.cfg, self.pm, self.data, self.runner = cfg, pm, data, runner
         ft = cfg.finetune
         self.monitor = Monitor(*ft.monitored(cfg.task, data.floor is not None), ft.patience)
         self.task_metrics = cfg.task.metrics()[1:] if cfg.task.kind != "lm" else ()
@@ -68,15 +66,16 @@ class Validation:
             tally.add(out, weight=self.runner.weight(rows_BW))
             tally.counts += self.runner.counts(out, rows_BW.to(tally.device))
         model.train()
-        stats, _ = tally.reduce(self.pm)
+        stats, _ = tally.reduce(self.pm.mesh)
         metrics = {"val_loss": stats.loss, **self.runner.metrics(stats.counts)}
         return metrics, stats.load_LE, stats.counts
 
     def log(
         self, step: int, metrics: dict[str, Any], load_LE: np.ndarray, tracker: Tracker
-    ) -> None:
-        """Log an evaluation (adding the floor and gap when the data knows its floor), then
-        follow the monitored metric and write a new best model when asked to."""
+    ) -> bool:
+        """Log an evaluation (adding the floor and gap when the data knows its floor) and
+        follow the monitored metric; True when the model is a new best to keep
+        (finetune.keep_best)."""
         msg = f"step {step}: val loss {metrics['val_loss']:.4f}"
         floor = self.data.floor
         if floor is not None:
@@ -87,12 +86,7 @@ class Validation:
         if load_LE.size:
             tracker.log_expert_load(step, load_LE, self.pm.module.cfg.moe_layer_ids())
         log.info(msg)
-        if self.monitor.update(step, metrics) and self.cfg.finetune.keep_best:
-            model_cfg, tokenizer = self.pm.module.cfg, self.data.tokenizer
-            path = save_best(
-                self.pm, self.run_dir, model_cfg, self.task_info(), tokenizer, self.monitor
-            )
-            log.info("best model so far (%s) in %s", self.monitor.describe(), path)
+        return self.monitor.update(step, metrics) and self.cfg.finetune.keep_best
 
     def report(self, step: int, counts: np.ndarray, tracker: Tracker) -> None:
         """The per-label report of an evaluation: the console, metrics.jsonl, wandb and

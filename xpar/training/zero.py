@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2 over xpar's expert parallelism.
+"""The DeepSpeed ZeRO-1/2 backend over xpar's expert parallelism.
 
 DeepSpeed treats a parameter as an expert only if it carries its MoE markers (`allreduce=False`
 and the `group_name` of an expert group), sits in an optimizer group flagged `moe`, and the
@@ -10,13 +10,20 @@ DeepSpeed's groups, which must be xpar's (EP groups of consecutive ranks, EDP gr
 
 With the markers, ZeRO reduces and partitions dense gradients and optimizer state over all
 ranks and expert ones over their expert-data-parallel group, dividing both by the world size,
-as xpar's own loop does (see xpar.parallel.parallelize).
+as xpar's own backend does (see xpar.training.plain).
+
+Checkpoints hold each rank's pieces of the fp32 master weights and AdamW moments, read from the
+ZeRO partitions where DeepSpeed keeps them (each trained parameter's fragment in this rank's
+flat partition), under the same keys as every backend: xpar's format, not DeepSpeed's, so that
+nothing is unpickled and any layout resumes from any other.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import deepspeed
@@ -24,11 +31,15 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
-from torch import nn
+from torch import Tensor, nn
 
 from xpar.config import TrainConfig
 from xpar.model.trainable import head_names
+from xpar.parallel.mesh import join_process_group
 from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
+from xpar.persist.fragments import MODEL, MOMENTS, module_fragments, optim_key
+from xpar.persist.sharded import Fragment
+from xpar.training.backend import Read, StepOutcome
 from xpar.training.optim import group_params
 
 log = logging.getLogger(__name__)
@@ -157,16 +168,11 @@ def _check_groups(pm: ParallelModel) -> None:
 
 
 def initialize(pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int):
-    """The DeepSpeed engine around `pm.module` (already sharded by parallelize(ddp=False)).
+    """The DeepSpeed engine around `pm.module` (already sharded by parallelize()).
     Returns the engine; its module is `pm.module`, its optimizer the ZeRO optimizer."""
     module, layout = pm.module, pm.mesh.layout
     moe = cfg.model_config().moe
-    if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
-        backend = "nccl" if pm.mesh.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        for key in ("RANK", "LOCAL_RANK"):  # DeepSpeed reads them
-            os.environ.setdefault(key, "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+    join_process_group(pm.mesh.device, cfg.parallel.timeout_s)  # one process: a group of one
     # A dense model (moe=dense), or one whose experts are frozen (finetune.train=head|
     # router+head), is plain ZeRO data parallelism: DeepSpeed's MoE mode wants an expert group
     # to partition, and frozen experts have no gradient to reduce.
@@ -223,3 +229,120 @@ def local_optimizer_bytes(engine) -> dict[str, int]:
         tensors = [t for t in state.values() if torch.is_tensor(t) and t.ndim > 0]
         out[kind] += sum(t.numel() * t.element_size() for t in [flat, *tensors])
     return out
+
+
+class ZeroBackend:
+    """DeepSpeed's engine as a training backend (see xpar.training.backend)."""
+
+    name = "deepspeed"
+
+    def __init__(self, pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int) -> None:
+        self.pm = pm
+        self.engine = initialize(pm, cfg, micro, accum)
+        self.optimizer = self.engine.basic_optimizer
+        self.zero = self.engine.optimizer
+        self.fp16 = cfg.trainer.precision == "fp16"
+        self._last = True
+
+    @contextmanager
+    def micro_step(self, last: bool) -> Iterator[Any]:
+        self._last = last
+        yield self.engine
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self._last:
+            self.engine.step()  # DeepSpeed counts micro-steps; it steps at the last
+
+    def clip_grad_norm(self) -> Tensor:
+        """DeepSpeed's step at the accumulation boundary: it reduces the gradients, clips and
+        steps, or skips a step whose gradients are not finite on some rank."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.tensor(math.nan if norm is None else float(norm))
+
+    def step(self, loss_finite: bool, finite: bool) -> StepOutcome:
+        applied = bool(self.engine.was_step_applied())
+        if not applied and self.fp16 and loss_finite:
+            scale = self.zero.loss_scale
+            return StepOutcome(False, f"fp16 loss scale overflow (scale now {scale:g})")
+        return StepOutcome(applied)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def _fragments(self) -> Iterator[tuple[int, str, Any]]:
+        """(flat group, parameter name, DeepSpeed's fragment map) of every trained parameter
+        with a piece in this rank's partition."""
+        names = {id(p): n for n, p in self.pm.module.named_parameters()}
+        for g, params in enumerate(self.zero.bit16_groups):
+            for lp in params:
+                if lp._hp_mapping is not None:
+                    yield g, names[id(lp)], lp._hp_mapping
+
+    def _group_state(self, g: int) -> dict[str, Tensor]:
+        """AdamW's state of flat group `g`, created as its first step would if it has none."""
+        flat = self.zero.single_partition_of_fp32_groups[g]
+        state = self.zero.optimizer.state[flat]
+        if not state:
+            group = self.zero.optimizer.param_groups[g]
+            on_device = group.get("fused") or group.get("capturable")
+            step = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
+            state.update(step=step, **{k: torch.zeros_like(flat) for k in MOMENTS})
+        return state
+
+    def _masters(self, module: dict[str, Fragment]) -> dict[str, Fragment]:
+        """`model/<name>`: this rank's fragments of the fp32 master weights."""
+        out = {}
+        for _, name, m in self._fragments():
+            base = module[MODEL + name]  # where this rank's copy sits in the global tensor
+            start = base.offset + m.lp_fragment_address.start
+            out[MODEL + name] = Fragment(m.hp_fragment.view(-1), start, base.numel)
+        return out
+
+    def _optimizer_state(
+        self, module: dict[str, Fragment]
+    ) -> tuple[dict[str, Fragment], dict[int, Tensor]]:
+        """This rank's fragments of the AdamW moments, and each parameter's step count: a copy
+        of its flat group's (saved files hold no two keys on one memory), which `_set_steps`
+        puts back after a load."""
+        out, steps = {}, {}
+        for g, name, m in self._fragments():
+            state, base = self._group_state(g), module[MODEL + name]
+            start = base.offset + m.lp_fragment_address.start
+            address = m.hp_fragment_address
+            for kind in MOMENTS:
+                piece = state[kind].narrow(0, address.start, address.numel)
+                out[optim_key(kind, name)] = Fragment(piece, start, base.numel)
+            steps[g] = step = state["step"].detach().clone().view(1)
+            out[optim_key("step", name)] = Fragment.whole(step)
+        return out, steps
+
+    def _set_steps(self, steps: dict[int, Tensor]) -> None:
+        for g, step in steps.items():
+            self._group_state(g)["step"].copy_(step.view(()))
+
+    def model_state(self) -> dict[str, Fragment]:
+        module = module_fragments(self.pm.module, self.pm.mesh.layout)
+        trained = {MODEL + n for n, p in self.pm.module.named_parameters() if p.requires_grad}
+        kept = {k: v for k, v in module.items() if k not in trained}  # frozen, and buffers
+        return {**kept, **self._masters(module)}
+
+    def state(self) -> dict[str, Fragment]:
+        module = module_fragments(self.pm.module, self.pm.mesh.layout)
+        return {**self.model_state(), **self._optimizer_state(module)[0]}
+
+    def extra_state(self) -> dict[str, Any]:
+        scaler = self.zero.loss_scaler
+        keys = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+        return {"loss_scaler": {k: getattr(scaler, k) for k in keys if hasattr(scaler, k)}}
+
+    def load(self, read: Read, extra: dict[str, Any]) -> None:
+        """The module's own (bit16, whole) weights first, then this rank's fragments of the
+        fp32 masters and moments."""
+        module = module_fragments(self.pm.module, self.pm.mesh.layout)
+        read(module)
+        optimizer, steps = self._optimizer_state(module)
+        read({**self._masters(module), **optimizer})
+        self._set_steps(steps)
+        for key, value in (extra.get("loss_scaler") or {}).items():
+            setattr(self.zero.loss_scaler, key, value)
