@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from xpar.checks import UserError
+from xpar.compose import adopt_architecture
 from xpar.model import MoETransformerLM, get_preset
 from xpar.model.mla import MLAConfig
 from xpar.model.trainable import apply_policy, head_names, routers_frozen, trainable_names
@@ -20,7 +21,6 @@ from xpar.parallel.mesh import init_mesh
 from xpar.parallel.parallelize import parallelize
 from xpar.persist import TaskInfo, read_model, read_model_info, write_model_dir
 from xpar.tasks.config import TaskConfig
-from xpar.train import adopt_architecture
 from xpar.training.checkpointing import Checkpoints
 from xpar.training.finetune import architecture_changes, load_init_weights, trainable_counts
 from xpar.training.optim import build_optimizer

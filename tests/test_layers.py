@@ -16,8 +16,8 @@ import tomllib
 REPO = Path(__file__).resolve().parents[1]
 XPAR = REPO / "xpar"
 
-# What each part of xpar may import (besides itself). The CLIs (train, export, report, hf,
-# bench) may import anything.
+# What each part of xpar may import (besides itself). The CLIs (train, with compose and launch
+# beside it, export, report, hf, bench) may import anything.
 ALLOWED = {
     "checks": set(),
     "moe": {"checks"},
@@ -29,7 +29,7 @@ ALLOWED = {
     "config": {"checks", "moe", "model", "data", "tasks", "parallel"},
     "training": {"checks", "moe", "model", "data", "tasks", "parallel", "persist", "config"},
 }
-CLIS = {"train", "export", "report", "hf", "bench", "__init__"}
+CLIS = {"train", "compose", "launch", "export", "report", "hf", "bench", "__init__"}
 
 
 def module_name(path: Path) -> str:
