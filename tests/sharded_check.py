@@ -5,8 +5,8 @@ world, save step_5 into OUT/checkpoints (a warm-up save at step 4 first), read i
 same trainer, then train on to step 10: the losses of a run that never stopped.
 
 `resume CHECKPOINT EP OUT`: at this world and EP size, read CHECKPOINT into a fresh trainer,
-save it again at once into OUT/checkpoints (so the test can compare the two consolidated), then
-train 5 steps.
+save it again at once into OUT/checkpoints (twice, the second save timed; the test compares it
+with CHECKPOINT consolidated), then train 5 steps.
 
 Both report, for every save and load they time, the most resident memory the process held
 beyond what it held before (Linux's high-water mark, reset just before), the bytes of training
@@ -101,9 +101,19 @@ def resume(checkpoint: Path, ep: int, out: Path) -> dict:
     trainer = make(out, ep)
     trainer.backend.state()  # AdamW's state as its first step makes it: held for training
     load_peak = peak_extra(lambda: trainer._load(checkpoint))
-    path = trainer.save()
+    trainer.save()  # the warm-up save
+    saved = {}
+    save_peak = peak_extra(lambda: saved.setdefault("path", trainer.save()))
+    path = saved["path"]
     losses = train(trainer, 5)
-    return {"load_peak": load_peak, **held(trainer), "losses": losses, "path": str(path)}
+    return {
+        "load_peak": load_peak,
+        "save_peak": save_peak,
+        "largest_file": largest_own_file(path, trainer.mesh.layout.rank),
+        **held(trainer),
+        "losses": losses,
+        "path": str(path),
+    }
 
 
 def main() -> None:

@@ -101,6 +101,7 @@ def test_resharded_resume_keeps_weights_moments_and_losses(tmp_path, source, wor
     if ep > 1:  # (one process holds every expert: nothing to compare with)
         for r in out:
             assert_bounded(r["load_peak"], r, largest_file(source))
+            assert_bounded(r["save_peak"], r, r["largest_file"])
 
 
 KILLED_SAVES = """

@@ -74,8 +74,9 @@ def write(
             save_tokenizer(tokenizer, staged.tmp / TOKENIZER)
             own += [p for p in (staged.tmp / TOKENIZER).rglob("*") if p.is_file()]
         description.tokenizer = TOKENIZER if tokenizer is not None else None
+        assert dtypes.keys() == description.tensors.keys(), "saved keys differ from described"
         for key, info in description.tensors.items():
-            info.dtype = dtypes.get(key, info.dtype)
+            info.dtype = dtypes[key]
         return staged.commit(own, description.manifest())
 
 

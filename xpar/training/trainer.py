@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -169,11 +168,11 @@ class Trainer:
 
     @contextmanager
     def _rank_zero_first(self):
-        if self.world > 1 and self.rank != 0:
-            dist.barrier()
+        if self.rank != 0:
+            self.mesh.barrier()
         yield
-        if self.world > 1 and self.rank == 0:
-            dist.barrier()
+        if self.rank == 0:
+            self.mesh.barrier()
 
     def _init_from(self, path: str | None, resume_from: Path | None) -> None:
         """trainer.init_from: weights only, before any optimizer (DeepSpeed copies the weights
