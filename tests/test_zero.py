@@ -118,6 +118,17 @@ def test_zero_matches_zero0_gradients_and_partitions_state(tmp_path, stage):
 
 
 @pytest.mark.distributed
+def test_frozen_experts_stay_each_rank_s_own(tmp_path):
+    """With frozen experts DeepSpeed does not take the banks for experts (no expert group to
+    partition) and broadcasts them from rank 0 when it starts: each rank must keep its own."""
+    args = [str(Path(__file__).parent / "zero_check.py"), "kept", "router+head", str(tmp_path)]
+    results = run_ranks(args, world=2, timeout=300)
+    assert_all_ok(results)
+    out = [json.loads(r.stdout.strip().splitlines()[-1]) for r in results]
+    assert all(r["frozen"] and r["experts_kept"] for r in out), out
+
+
+@pytest.mark.distributed
 def test_zero_runs_match_one_process_and_resume(tmp_path):
     ref = cli(tmp_path, "one", 1, [])
     runs = {

@@ -5,6 +5,10 @@ deepspeed=zeroSTAGE on EP=2; reports whether DeepSpeed left each rank's experts 
 (not rank 0's), the largest relative difference of expert and dense gradients, and the optimizer
 state bytes this rank holds against the replicated state.
 
+`kept TRAIN OUT`: the same model under deepspeed=zero2 on EP=2 with finetune.train=TRAIN
+(experts frozen: DeepSpeed does not take them for experts); reports whether each rank's experts
+are still its own after DeepSpeed starts.
+
 `resave CHECKPOINT OUT`: resume CHECKPOINT at this layout (ZeRO-2, EP = the world) and save it
 again at once into OUT, so the test can compare the two consolidated.
 """
@@ -83,6 +87,20 @@ def grads(stage: str, out: Path) -> dict:
     }
 
 
+def kept(train: str, out: Path) -> dict:
+    same = [*BASE, "parallel.ep_size=2", f"finetune.train={train}"]
+    mesh = init_mesh(build(same).parallel, build(same).moe, torch.device("cpu"))
+    ref = Trainer(build([*same, "run_name=ref"]), out / f"ref{mesh.layout.rank}", {}, mesh)
+    zero = Trainer(build([*same, "deepspeed=zero2", "run_name=z"]), out / "z", {}, mesh)
+    zero_params = dict(zero.model.named_parameters())
+    names = expert_parameter_names(ref.model)
+    frozen = not any(zero_params[n].requires_grad for n in names)
+    same_banks = all(
+        torch.equal(p, zero_params[n]) for n, p in ref.model.named_parameters() if n in names
+    )
+    return {"rank": mesh.layout.rank, "frozen": frozen, "experts_kept": same_banks}
+
+
 def resave(checkpoint: Path, out: Path) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
     resume = f"trainer.resume={checkpoint}"
@@ -94,7 +112,7 @@ def resave(checkpoint: Path, out: Path) -> dict:
 
 def main() -> None:
     mode, a, b = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    result = grads(a, b) if mode == "grads" else resave(Path(a), b)
+    result = {"grads": grads, "kept": kept}[mode](a, b) if mode != "resave" else resave(Path(a), b)
     print(json.dumps(result))
     if dist.is_initialized():
         dist.destroy_process_group()

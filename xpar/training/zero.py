@@ -57,8 +57,8 @@ class ExpertGroups(MoE):
     def __init__(self, num_experts: int, ep_size: int) -> None:
         nn.Module.__init__(self)  # not MoE.__init__: no DeepSpeed gate or experts
         self.num_experts, self.ep_size = num_experts, ep_size
-        # DeepSpeed saves and loads one file per local expert of its own layer; xpar's expert
-        # banks travel in the ZeRO partitions and xpar's per-EP-rank files instead.
+        # DeepSpeed saves and loads one file per local expert of its own layer; xpar saves
+        # the expert banks itself (xpar.training.zero.ZeroBackend.state).
         self.num_local_experts = 0
         self.expert_group_name = expert_group_name(ep_size)
         self.enable_expert_tensor_parallelism = False
@@ -180,6 +180,9 @@ def initialize(pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int):
     if moe is not None:
         mark_experts(module, layout.ep_size)
         module.add_module("ds_expert_groups", ExpertGroups(moe.num_experts, layout.ep_size))
+    # DeepSpeed broadcasts every parameter it does not take for an expert from rank 0 when it
+    # starts: unmarked (frozen) experts would all become rank 0's. Put each rank's own back.
+    own_banks = [p.detach().clone() for p in pm.expert_params] if moe is None else []
     config = deepspeed_config(cfg, micro, accum, layout.world)
     fused = pm.mesh.device.type == "cuda" if cfg.optim.fused is None else cfg.optim.fused
     if fused:
@@ -194,6 +197,9 @@ def initialize(pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int):
     )
     if moe is not None:
         _check_groups(pm)
+    with torch.no_grad():
+        for p, bank in zip(pm.expert_params, own_banks, strict=False):
+            p.copy_(bank)
     # Skip a step whose gradients are not finite in every precision (DeepSpeed checks only
     # under fp16, or bf16 when asked); one all-reduce of a flag per step.
     engine.optimizer.check_grad_overflow = True
