@@ -294,6 +294,16 @@ def test_corrupt_file_is_reported_and_left_alone(saved, damage):
     assert run.backend.optimizer.state_dict()["state"] == {}
 
 
+def test_a_file_the_manifest_does_not_list_is_refused(saved):
+    root, path = saved
+    shard = sorted((path / "state").glob("*.safetensors"))[0]
+    stray = path / "state" / "shard-00002-model-00001-of-00001.safetensors"
+    stray.write_bytes(shard.read_bytes())  # it would be read as another rank's pieces
+    with pytest.raises(UserError, match="holds files its meta.json does not list") as err:
+        make_run(root).load(path)
+    assert stray.name in str(err.value)
+
+
 def test_missing_manifest_or_path(saved):
     root, path = saved
     (path / "meta.json").unlink()
@@ -317,8 +327,11 @@ def test_another_model_or_missing_optimizer_state(saved, tmp_path):
     # a checkpoint of a run that trained only the head holds no AdamW state for the rest
     head_only = make_run(tmp_path / "head" / "checkpoints", train="head")
     frozen = head_only.save(1)
-    with pytest.raises(UserError, match="lacks optim/exp_avg/embed.weight"):
-        make_run(root).load(frozen)
+    full = make_run(root)
+    untrained = len([p for p in head_only.model.parameters() if not p.requires_grad])
+    with pytest.raises(UserError, match=f"holds no AdamW state for {untrained} parameters") as err:
+        full.load(frozen)
+    assert "embed.weight" in str(err.value) and "trainer.init_from=" in str(err.value)
 
 
 def test_non_json_state_leaves_nothing(saved):

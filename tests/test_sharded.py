@@ -43,9 +43,15 @@ def measured(args: list[str], world: int) -> list:
         return run_ranks(args, world=world, timeout=400)
 
 
-def results(ranks) -> list[dict]:
+def results_of(ranks) -> list:
+    """Each rank's last line of output, as JSON."""
     assert_all_ok(ranks)
-    out = [json.loads(r.stdout.strip().splitlines()[-1]) for r in ranks]
+    return [json.loads(r.stdout.strip().splitlines()[-1]) for r in ranks]
+
+
+def results(ranks) -> list[dict]:
+    """The worker's reports, losses keyed by step."""
+    out = results_of(ranks)
     for r in out:
         r["losses"] = {int(k): v for k, v in r["losses"].items()}
     return out
@@ -104,6 +110,37 @@ def test_resharded_resume_keeps_weights_moments_and_losses(tmp_path, source, wor
             assert_bounded(r["save_peak"], r, r["largest_file"])
 
 
+FAILING_RANK = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import xpar.persist.artefact as artefact
+from sharded_check import make, train
+trainer = make(Path({out!r}), 2)
+train(trainer, 1)
+trainer.save()
+if trainer.mesh.layout.rank == 1:  # rank 1's disk is full when it writes its RNG states
+    def full(path, data):
+        raise OSError("No space left on device")
+    artefact.write_bytes = full
+train(trainer, 1)
+try:
+    trainer.save()
+except Exception as e:
+    print(json.dumps([type(e).__name__, str(e)]))
+"""
+
+
+def test_a_rank_that_fails_a_save_fails_it_on_every_rank_without_a_hang(tmp_path):
+    code = FAILING_RANK.format(tests=str(REPO / "tests"), out=str(tmp_path / "run"))
+    out = results_of(run_ranks(["-c", code], world=2, timeout=120))
+    assert out[1] == ["OSError", "No space left on device"]
+    assert out[0][0] == "RuntimeError" and "rank 1: OSError: No space left" in out[0][1]
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_1"]  # no step_2, no temp dir
+    consolidate(root / "step_1")
+
+
 KILLED_SAVES = """
 import sys, time
 from pathlib import Path
@@ -134,9 +171,13 @@ def test_sigkill_at_random_points_of_a_sharded_save_never_leaves_a_bad_newest(tm
             log = open(tmp_path / f"rank{rank}-{attempt}.log", "w")  # noqa: SIM115
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", code], env=rank_env, stdout=subprocess.PIPE,
-                    stderr=log, text=True, start_new_session=True,
-                )  # fmt: skip
+                    [sys.executable, "-c", code],
+                    env=rank_env,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                    start_new_session=True,
+                )
             )
         first = procs[0].stdout.readline()  # the first save is complete
         assert first.strip(), (tmp_path / f"rank0-{attempt}.log").read_text()[-2000:]

@@ -1,6 +1,7 @@
 """`python -m xpar.export CHECKPOINT OUT_DIR`: any xpar checkpoint as one consolidated
 checkpoint for a single process, `OUT_DIR/step_N/`: the whole model and optimizer state in one
-rank's files (one per layer), what it is, the schedule, data position and rank 0's RNG, so that
+rank's files (one per layer), what it is, the schedule, data positions and every rank's RNG, so
+that
 `trainer.resume=OUT_DIR/step_N` continues the run in one process or at any layout, and
 `trainer.init_from` and `python -m xpar.hf export` take it from anywhere.
 
@@ -19,7 +20,7 @@ import torch
 
 from xpar.checks import UserError, report_error
 from xpar.persist import artefact
-from xpar.persist.checkpoint import TRAINER, open_checkpoint, rng_file
+from xpar.persist.checkpoint import TRAINER, open_checkpoint, rng_file, saved_rngs
 from xpar.persist.sharded import Fragment
 from xpar.persist.staged import json_bytes
 from xpar.training.legacy import Consolidated, is_first_format, read_first_format
@@ -36,8 +37,8 @@ def consolidate(src: Path) -> Consolidated:
     checkpoint.read({k: Fragment.whole(t) for k, t in tensors.items()})
     d.source = f"exported from {checkpoint.path}"
     d.layout = {"world": 1, "ep_size": 1, "backend": "export"}
-    trainer, rng = checkpoint.json(TRAINER), checkpoint.json(rng_file(0))
-    return Consolidated(d, tensors, trainer, rng, checkpoint.tokenizer)
+    trainer, rngs = checkpoint.json(TRAINER), saved_rngs(checkpoint)
+    return Consolidated(d, tensors, trainer, rngs, checkpoint.tokenizer)
 
 
 def export(src: Path, out: Path) -> Path:
@@ -46,7 +47,8 @@ def export(src: Path, out: Path) -> Path:
     final = Path(out) / f"step_{c.description.step}"
     if final.exists():
         raise UserError(f"{final} already exists; pick another OUT_DIR")
-    files = {TRAINER: json_bytes(c.trainer, TRAINER), rng_file(0): json_bytes(c.rng, "RNG")}
+    files = {TRAINER: json_bytes(c.trainer, TRAINER)}
+    files |= {rng_file(rank): json_bytes(state, "RNG states") for rank, state in c.rngs.items()}
     state = {k: Fragment.whole(t) for k, t in c.tensors.items()}
     return artefact.write(final, c.description, state, files=files, tokenizer=c.tokenizer)
 

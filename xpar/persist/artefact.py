@@ -160,6 +160,10 @@ def open_artefact(path: str | Path, mesh: Mesh | None = None) -> Artefact:
     if legacy.is_model_dir(path):
         return Artefact(path, legacy.describe_model_dir(path), mesh)
     meta = verify(path, mesh)
+    # DCP's reader takes every safetensors file under state/: none may be unlisted.
+    present = {str(p.relative_to(path)) for p in (path / STATE).rglob("*") if p.is_file()}
+    if unlisted := sorted(present - set(meta["files"])):
+        raise UserError(f"{path} holds files its {MANIFEST} does not list: {unlisted[:3]}")
     return Artefact(path, Description.from_manifest(meta, path), mesh)
 
 

@@ -11,6 +11,7 @@ so a crash leaves the earlier checkpoints as they were and the newest complete o
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -36,10 +37,12 @@ __all__ = [
     "prune_checkpoints",
     "restore_rng",
     "rng_file",
+    "saved_rngs",
     "save_checkpoint",
 ]
 
 TRAINER = "trainer.json"
+log = logging.getLogger(__name__)
 
 
 def rng_file(rank: int) -> str:
@@ -64,8 +67,11 @@ def save_checkpoint(
     final = root / f"step_{description.step}"
     path = artefact.write(final, description, state, mesh, files, rank_files, tokenizer, True)
     if mesh.layout.rank == 0:
-        remove_leftovers(root)
-        prune_checkpoints(root, keep)
+        try:  # the checkpoint is saved: a failure here must not stop the run
+            remove_leftovers(root)
+            prune_checkpoints(root, keep)
+        except OSError as e:
+            log.warning("saved %s, but could not remove older checkpoints: %s", path, e)
     mesh.barrier()
     return path
 
@@ -84,8 +90,14 @@ def open_checkpoint(path: Path, mesh: Mesh | None = None) -> Artefact:
 
 def restore_rng(checkpoint: Artefact, rank: int) -> None:
     """This rank's saved RNG states (rank 0's when the checkpoint had fewer ranks)."""
-    world = int((checkpoint.description.layout or {}).get("world", 1))
-    set_rng_state(checkpoint.json(rng_file(rank if rank < world else 0)))
+    own = rng_file(rank)
+    set_rng_state(checkpoint.json(own if (checkpoint.path / own).is_file() else rng_file(0)))
+
+
+def saved_rngs(checkpoint: Artefact) -> dict[int, Any]:
+    """Every rank's saved RNG states, by rank."""
+    ranks = sorted(int(p.stem.removeprefix("rank_")) for p in (checkpoint.path / "rng").iterdir())
+    return {r: checkpoint.json(rng_file(r)) for r in ranks}
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

@@ -86,7 +86,9 @@ class Description:
                 f"use NEW_DIR/step_N"
             )
         if version != FORMAT_VERSION:
-            raise UserError(f"{where} has format_version={version!r}; this xpar reads 1 and 2")
+            raise UserError(
+                f"{where} has format_version={version!r}; this xpar reads 2 (and converts 1)"
+            )
         kind = meta.get("kind")
         if kind not in KINDS:
             hint = "; bring it in with `python -m xpar.hf import`" if kind == "huggingface" else ""

@@ -134,15 +134,16 @@ class Staged:
             ...every rank writes its files under staged.tmp...
             staged.commit(my_files, manifest)
 
-    The temp dir is `.tmp-<name>-<pid of rank 0>` beside `final`; a failure before commit
-    removes it (the rank that failed, or rank 0). An existing `final` is refused unless
-    `overwrite`, and then moved aside for the rename and deleted after, so a complete copy is on
-    disk at every moment."""
+    The temp dir is `.tmp-<name>-<pid of rank 0>` beside `final`. A rank that fails before the
+    commit still takes part in it, saying so, so that every rank raises instead of waiting for
+    it; rank 0 then removes the temp dir. An existing `final` is refused unless `overwrite`, and
+    then moved aside for the rename and deleted after, so a complete copy is on disk at every
+    moment."""
 
     def __init__(self, final: Path, mesh: Mesh | None = None, overwrite: bool = False) -> None:
         self.final, self.mesh, self.overwrite = Path(final), mesh or Mesh.solo(), overwrite
         self.tmp = self.final
-        self.committed = False
+        self.committed = self._reported = False
 
     def __enter__(self) -> Staged:
         rank0 = self.mesh.layout.rank == 0
@@ -158,8 +159,16 @@ class Staged:
         return self
 
     def __exit__(self, kind, value, tb) -> None:
-        if not self.committed:
+        if self.committed:
+            return
+        if kind is not None and not self._reported:  # the others are waiting in commit
+            self._gather({"error": f"rank {self.mesh.layout.rank}: {kind.__name__}: {value}"})
+        if self.mesh.layout.rank == 0:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _gather(self, part: dict[str, Any]) -> list[dict[str, Any]]:
+        self._reported = True
+        return self.mesh.gather_objects(part)
 
     def commit(self, own: list[Path] | None, manifest: dict[str, Any]) -> Path:
         """Every rank: fsync and hash the files it wrote (`own`, under tmp; None: all of them,
@@ -172,17 +181,28 @@ class Staged:
             fsync(f)
             rel = str(f.relative_to(self.tmp))
             mine[rel] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
-        listed: dict[str, Any] = {}
-        for part in self.mesh.gather_objects(mine):
-            listed.update(part)
+        parts = self._gather({"files": mine})
+        failed = [p["error"] for p in parts if "error" in p]
+        if failed:
+            raise RuntimeError(f"{self.final} was not written: {failed[0]}")
+        listed = {name: info for p in parts for name, info in p["files"].items()}
+        error = None
         if self.mesh.layout.rank == 0:
-            body = json_bytes({**manifest, "files": dict(sorted(listed.items()))}, MANIFEST)
-            write_bytes(self.tmp / MANIFEST, body)
-            for d in sorted({(self.tmp / name).parent for name in listed} | {self.tmp}):
-                fsync(d)
-            self._rename()
+            try:
+                body = json_bytes({**manifest, "files": dict(sorted(listed.items()))}, MANIFEST)
+                write_bytes(self.tmp / MANIFEST, body)
+                for d in sorted({(self.tmp / name).parent for name in listed} | {self.tmp}):
+                    fsync(d)
+                self._rename()
+            except BaseException as e:
+                error = e
+        # Rank 0's outcome on every rank (and no rank goes on before the rename).
+        outcome = self.mesh.broadcast_object(None if error is None else repr(error))
+        if error is not None:
+            raise error
+        if outcome is not None:
+            raise RuntimeError(f"{self.final} was not written: rank 0: {outcome}")
         self.committed = True
-        self.mesh.barrier()
         return self.final
 
     def _rename(self) -> None:
@@ -200,3 +220,6 @@ class Staged:
         fsync(final.parent)
         if aside is not None:
             shutil.rmtree(aside)
+        for p in final.parent.glob(f".*-{final.name}-*"):  # of earlier, interrupted writes
+            if p.is_dir() and p.name.startswith(LEFTOVER_PREFIXES):
+                shutil.rmtree(p, ignore_errors=True)

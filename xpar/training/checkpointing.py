@@ -10,6 +10,7 @@ from typing import Any
 
 from xpar.checks import UserError
 from xpar.model import ModelConfig
+from xpar.parallel.mesh import Mesh
 from xpar.parallel.parallelize import ParallelModel
 from xpar.persist import artefact
 from xpar.persist import checkpoint as ckpt
@@ -38,11 +39,26 @@ def restart_reason() -> str | None:
     return None
 
 
-def resume_path(resume: bool | str, root: Path) -> Path | None:
+def resume_path(resume: bool | str, root: Path, mesh: Mesh | None = None) -> Path | None:
+    """`choose_resume`'s answer on rank 0, on every rank of `mesh` (ranks looking at a shared
+    file system a moment apart could see different newest checkpoints), or its error."""
+    mesh = mesh or Mesh.solo()
+    try:
+        choice = (choose_resume(resume, root), None) if mesh.layout.rank == 0 else (None, None)
+    except UserError as e:
+        choice = (None, str(e))
+    path, error = mesh.broadcast_object(choice)
+    if error is not None:
+        raise UserError(error)
+    return path
+
+
+def choose_resume(resume: bool | str, root: Path) -> Path | None:
     """The checkpoint `trainer.resume` names, or None for a fresh run. A fresh run refuses a
     checkpoints dir that already holds checkpoints, which it would otherwise overwrite. A
     restarted attempt of a job (restart_reason) resumes the run's newest checkpoint, whatever
-    `resume` names: that is where the attempt it replaces got to."""
+    `resume` names: that is where the attempt it replaces got to. PATH may be a checkpoint, or
+    a checkpoints dir or run dir (its newest checkpoint)."""
     if (why := restart_reason()) is not None and (newest := ckpt.latest_checkpoint(root)):
         log.info("%s: resuming the run's newest checkpoint %s", why, newest)
         return newest
@@ -63,16 +79,16 @@ def resume_path(resume: bool | str, root: Path) -> Path | None:
     path = Path(resume)
     if not path.exists():
         raise UserError(f"trainer.resume={resume}: no such checkpoint")
-    if not artefact.is_artefact(path):  # a checkpoints/ dir: its newest checkpoint
-        newest = ckpt.latest_checkpoint(path)
-        if newest is None:
-            raise UserError(f"trainer.resume={resume}: holds no complete checkpoint")
-        path = newest
-    return path
+    try:  # a checkpoint, or the newest of a checkpoints dir or a run dir
+        return artefact.resolve_source(path)
+    except UserError:
+        raise UserError(f"trainer.resume={resume}: holds no complete checkpoint") from None
 
 
-def check_same_model(path: Path, saved: Description, pm: ParallelModel) -> None:
-    """The checkpoint's model must be this run's: same expert count, same tensor shapes."""
+def check_compatible(path: Path, saved: Description, pm: ParallelModel) -> None:
+    """The checkpoint's model must be this run's (same expert count, same tensor shapes), and
+    it must hold AdamW's state of every parameter this run trains. The verdict is the same on
+    every rank (it looks at the whole model, not at what this rank holds)."""
     moe_saved, moe_now = saved.model.moe, pm.module.cfg.moe
     experts = [0 if m is None else m.num_experts for m in (moe_saved, moe_now)]
     if experts[0] != experts[1]:
@@ -92,6 +108,14 @@ def check_same_model(path: Path, saved: Description, pm: ParallelModel) -> None:
         raise UserError(
             f"checkpoint {path} does not match the model: missing keys {_short(missing)}, "
             f"unexpected keys {_short(unexpected)}, shape mismatches {_short(shapes)}"
+        )
+    trained = [n for n, p in pm.module.named_parameters() if p.requires_grad]
+    untracked = [n for n in trained if optim_key("exp_avg", n) not in saved.tensors]
+    if untracked:
+        raise UserError(
+            f"checkpoint {path} holds no AdamW state for {len(untracked)} parameters this run "
+            f"trains ({_short(untracked, 3)}): it was saved by a run that trained less "
+            f"(finetune.train); start from its weights with trainer.init_from={path}"
         )
 
 
@@ -148,7 +172,7 @@ class Checkpoints:
         try:
             checkpoint = ckpt.open_checkpoint(path, self.pm.mesh)
             saved = checkpoint.description
-            check_same_model(checkpoint.path, saved, self.pm)
+            check_compatible(checkpoint.path, saved, self.pm)
             if (saved.task.kind, saved.task.labels) != (task.kind, task.labels):
                 raise UserError(
                     f"trainer.resume: {checkpoint.path} was trained for task={saved.task.kind} "

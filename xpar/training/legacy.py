@@ -13,6 +13,7 @@ builds nothing but tensors, containers and the three DeepSpeed record types allo
 
 from __future__ import annotations
 
+import pickle  # for its exception type: the file is read by torch's weights-only loader
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,12 @@ from xpar.training.optim import param_groups
 @dataclass
 class Consolidated:
     """A whole checkpoint in one process: the tensors under xpar.persist.fragments' keys (each
-    flat, as stored), what it is, the trainer state and rank 0's RNG states."""
+    flat, as stored), what it is, the trainer state and each saving rank's RNG states."""
 
     description: Description
     tensors: dict[str, Tensor]
     trainer: dict[str, Any]
-    rng: dict[str, Any]
+    rngs: dict[int, dict[str, Any]]  # rank -> RNG states
     tokenizer: str | None = None  # a dir or name it loads from
 
 
@@ -64,14 +65,21 @@ def read_first_format(path: Path) -> Consolidated:
     )
     model_cfg = model_config_from_dict({**config["model"], "moe": config.get("moe")}, str(path))
     try:
+        backend: dict[str, Any] = {}
         if (path / "model.json").is_file():
-            weights, moments = _deepspeed_state(path)
-            rng = _rng(path / "rng-rank0.safetensors", path / "rng-rank0.json")
+            weights, moments, backend = _deepspeed_state(path)
+            world = read_json(path / "model.json")["world"]
+            rngs = {
+                r: _rng(path / f"rng-rank{r}.safetensors", path / f"rng-rank{r}.json")
+                for r in range(world)
+            }
         else:
             weights = load_file(path / "model.safetensors")
             moments = _plain_moments(path, model_cfg, task, config)
-            rng = _rng(path / "rng.safetensors", path / "rng.json")
-    except (OSError, SafetensorError, KeyError, ValueError) as e:
+            rngs = {0: _rng(path / "rng.safetensors", path / "rng.json")}
+            for r, cuda in enumerate(trainer.get("cuda_rng") or []):  # per rank, if on GPUs
+                rngs.setdefault(r, dict(rngs[0]))["cuda"] = cuda
+    except (OSError, SafetensorError, KeyError, ValueError, IndexError) as e:
         raise UserError(f"{path}: cannot read it as a first-format checkpoint ({e})") from e
     tensors = {MODEL + n: t for n, t in weights.items()} | moments
     infos = {k: TensorInfo.of(t.shape, t.dtype) for k, t in tensors.items()}
@@ -82,9 +90,10 @@ def read_first_format(path: Path) -> Consolidated:
     )  # fmt: skip
     state = {key: trainer[key] for key in ("step", "bad_steps", "bad_streak", "data", "monitor")}
     state["scheduler"] = read_json(path / "scheduler.json")
+    state["backend"] = backend
     flat = {k: t.contiguous().view(-1) for k, t in tensors.items()}
     tokenizer = (config.get("data") or {}).get("tokenizer")
-    return Consolidated(description, flat, state, rng, tokenizer)
+    return Consolidated(description, flat, state, rngs, tokenizer)
 
 
 def _run_config(step_dir: Path) -> dict[str, Any]:
@@ -102,10 +111,10 @@ def _run_config(step_dir: Path) -> dict[str, Any]:
 
 
 def _rng(tensors_file: Path, rest_file: Path) -> dict[str, Any]:
-    rest = read_json(rest_file)
+    rest, tensors = read_json(rest_file), load_file(tensors_file)
     return {
-        "torch": load_file(tensors_file)["torch_cpu"].tolist(),
-        "cuda": None,
+        "torch": tensors["torch_cpu"].tolist(),
+        "cuda": tensors["cuda.0"].tolist() if "cuda.0" in tensors else None,
         "python": rest["python"],
         "numpy": rest["numpy"],
     }
@@ -143,15 +152,18 @@ def _torch_load(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the weights-only unpickler refuses anything else
+    except pickle.UnpicklingError as e:  # the weights-only unpickler refuses anything else
         raise UserError(
             f"{path} holds more than DeepSpeed's state: {str(e).splitlines()[0]}"
         ) from e
 
 
-def _deepspeed_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def _deepspeed_state(
+    path: Path,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
     """The global weights and AdamW state, put back together from every rank's ZeRO partition
-    (dense over all saving ranks, experts over each EDP group, EP ranks concatenated)."""
+    (dense over all saving ranks, experts over each EDP group, EP ranks concatenated), and the
+    fp16 loss scale as xpar.training.zero.ZeroBackend keeps it."""
     desc = read_json(path / "model.json")
     world, P = desc["world"], desc["ep_size"]
     zero = [
@@ -204,4 +216,7 @@ def _deepspeed_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         model_state[name] = torch.cat([b[name] for b in banks])
     order = [n for n, _, _ in desc["params"]]
     buffers = [n for n in model_state if n not in set(order)]
-    return {n: model_state[n] for n in [*order, *buffers]}, moments
+    from xpar.training.zero import loss_scaler_state  # DeepSpeed, as for reading its files
+
+    backend = {"loss_scaler": loss_scaler_state(zero[0].get("loss_scaler"))}
+    return {n: model_state[n] for n in [*order, *buffers]}, moments, backend

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from xpar.checks import UserError
 from xpar.config import OptimConfig
 from xpar.model.trainable import head_names
 
@@ -86,17 +85,14 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
-def load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any]) -> None:
-    """Load a LambdaLR state saved with any number of parameter groups (DeepSpeed runs have an
-    expert group more): every group follows the same schedule from the same base lr."""
-    n = len(scheduler.optimizer.param_groups)
-    for key in ("base_lrs", "_last_lr"):
-        values = state.get(key)
-        if isinstance(values, list) and len(values) != n:
-            if len(set(values)) != 1:
-                raise UserError(f"the checkpoint's schedule has per-group {key} {values}")
-            state[key] = values[:1] * n
-    scheduler.load_state_dict(state)
-    # The groups' current lr too: a re-sharded optimizer state does not carry it.
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+def load_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[str, Any]) -> None:
+    """Go on with a saved schedule: its step, with this run's base learning rates (the schedule
+    is a function of the step and the config), whatever parameter groups the saving run had
+    (DeepSpeed runs have an expert group more, finetune.head_lr two groups of its own)."""
+    scheduler.last_epoch = int(state["last_epoch"])
+    scheduler._step_count = int(state.get("_step_count", scheduler.last_epoch + 1))
+    step = scheduler.last_epoch
+    lrs = [base * f(step) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    scheduler._last_lr = list(lrs)
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr

@@ -120,7 +120,7 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        resume_from = resume_path(tc.resume, self.ckpt_root)
+        resume_from = resume_path(tc.resume, self.ckpt_root, self.mesh)
         self.model_cfg = cfg.model_config()
         micro, self.accum_steps = cfg.data.accumulation(dp_world=self.world)
         shard = Sharding(micro, self.rank, self.world, tc.seed, tc.overfit_batches)

@@ -237,6 +237,12 @@ def local_optimizer_bytes(engine) -> dict[str, int]:
     return out
 
 
+def loss_scaler_state(scaler: Any) -> dict[str, Any]:
+    """What DeepSpeed's (dynamic) loss scaler needs to go on: its scale and counters."""
+    keys = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+    return {k: getattr(scaler, k) for k in keys if hasattr(scaler, k)}
+
+
 class ZeroBackend:
     """DeepSpeed's engine as a training backend (see xpar.training.backend)."""
 
@@ -268,6 +274,8 @@ class ZeroBackend:
         return torch.tensor(math.nan if norm is None else float(norm))
 
     def step(self, loss_finite: bool, finite: bool) -> StepOutcome:
+        """What DeepSpeed's step did: it skips a step by its gradients (checked on every rank,
+        a non-finite loss makes them non-finite too), so `finite` is its verdict already."""
         applied = bool(self.engine.was_step_applied())
         if not applied and self.fp16 and loss_finite:
             scale = self.zero.loss_scale
@@ -338,9 +346,7 @@ class ZeroBackend:
         return {**self.model_state(), **self._optimizer_state(module)[0]}
 
     def extra_state(self) -> dict[str, Any]:
-        scaler = self.zero.loss_scaler
-        keys = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
-        return {"loss_scaler": {k: getattr(scaler, k) for k in keys if hasattr(scaler, k)}}
+        return {"loss_scaler": loss_scaler_state(self.zero.loss_scaler)}
 
     def load(self, read: Read, extra: dict[str, Any]) -> None:
         """The module's own (bit16, whole) weights first, then this rank's fragments of the
