@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from xpar.config import OptimConfig
 from xpar.model.trainable import head_names
@@ -58,6 +58,17 @@ def build_optimizer(
         eps=cfg.eps,
         fused=fused,
     )
+
+
+def adamw_state(optimizer: torch.optim.Optimizer, p: Tensor, group: dict) -> dict[str, Tensor]:
+    """The AdamW state of `p` (a parameter of `group`), created as AdamW's first step would
+    (zero moments, step 0) if it has none yet, so that it can be saved or loaded into first."""
+    state = optimizer.state[p]
+    if not state:
+        on_device = group.get("fused") or group.get("capturable")
+        step = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+        state.update(step=step, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    return state
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -27,7 +27,7 @@ from xpar.parallel.parallelize import ParallelModel
 from xpar.persist.fragments import MODEL, MOMENTS, like, module_fragments, optim_key
 from xpar.persist.sharded import Fragment
 from xpar.training.backend import Read, StepOutcome
-from xpar.training.optim import build_optimizer
+from xpar.training.optim import adamw_state, build_optimizer
 
 # torch >= 2.13 renamed DDP's broadcast_buffers (and warns on the old name).
 _NO_BUFFER_SYNC = (
@@ -35,18 +35,6 @@ _NO_BUFFER_SYNC = (
     if "forward_sync_buffers" in inspect.signature(DDP).parameters
     else {"broadcast_buffers": False}
 )
-
-
-def adamw_state(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict[str, Tensor]:
-    """`p`'s AdamW state, created as AdamW's first step would (zero moments, step 0) if it has
-    none yet, so that it can be saved or loaded into before that step."""
-    state = optimizer.state[p]
-    if not state:
-        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
-        on_device = group.get("fused") or group.get("capturable")
-        step = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-        state.update(step=step, **{k: torch.zeros_like(p) for k in MOMENTS})
-    return state
 
 
 class PlainBackend:
@@ -126,11 +114,12 @@ class PlainBackend:
         return module_fragments(self.pm.module, self.pm.mesh.layout)
 
     def _optimizer_state(self, model: dict[str, Fragment]) -> dict[str, Fragment]:
+        group_of = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
         out = {}
         for name, p in self.pm.module.named_parameters():
             if not p.requires_grad:
                 continue
-            state = adamw_state(self.optimizer, p)
+            state = adamw_state(self.optimizer, p, group_of[id(p)])
             for kind in MOMENTS:
                 out[optim_key(kind, name)] = like(model[MODEL + name], state[kind])
             out[optim_key("step", name)] = Fragment.whole(state["step"].view(1))

@@ -40,7 +40,7 @@ from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
 from xpar.persist.fragments import MODEL, MOMENTS, module_fragments, optim_key
 from xpar.persist.sharded import Fragment
 from xpar.training.backend import Read, StepOutcome
-from xpar.training.optim import group_params
+from xpar.training.optim import adamw_state, group_params
 
 log = logging.getLogger(__name__)
 
@@ -294,15 +294,9 @@ class ZeroBackend:
                     yield g, names[id(lp)], lp._hp_mapping
 
     def _group_state(self, g: int) -> dict[str, Tensor]:
-        """AdamW's state of flat group `g`, created as its first step would if it has none."""
+        """AdamW's state of flat group `g` (created as its first step would if it has none)."""
         flat = self.zero.single_partition_of_fp32_groups[g]
-        state = self.zero.optimizer.state[flat]
-        if not state:
-            group = self.zero.optimizer.param_groups[g]
-            on_device = group.get("fused") or group.get("capturable")
-            step = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
-            state.update(step=step, **{k: torch.zeros_like(flat) for k in MOMENTS})
-        return state
+        return adamw_state(self.zero.optimizer, flat, self.zero.optimizer.param_groups[g])
 
     def _masters(self, module: dict[str, Fragment]) -> dict[str, Fragment]:
         """`model/<name>`: this rank's fragments of the fp32 master weights."""
@@ -336,14 +330,16 @@ class ZeroBackend:
             self._group_state(g)["step"].copy_(step.view(()))
 
     def model_state(self) -> dict[str, Fragment]:
-        module = module_fragments(self.pm.module, self.pm.mesh.layout)
+        return self._model_state(module_fragments(self.pm.module, self.pm.mesh.layout))
+
+    def _model_state(self, module: dict[str, Fragment]) -> dict[str, Fragment]:
         trained = {MODEL + n for n, p in self.pm.module.named_parameters() if p.requires_grad}
         kept = {k: v for k, v in module.items() if k not in trained}  # frozen, and buffers
         return {**kept, **self._masters(module)}
 
     def state(self) -> dict[str, Fragment]:
         module = module_fragments(self.pm.module, self.pm.mesh.layout)
-        return {**self.model_state(), **self._optimizer_state(module)[0]}
+        return {**self._model_state(module), **self._optimizer_state(module)[0]}
 
     def extra_state(self) -> dict[str, Any]:
         return {"loss_scaler": loss_scaler_state(self.zero.loss_scaler)}
