@@ -20,6 +20,12 @@ def report_error(message: str) -> int:
     return 2
 
 
+def short_list(items: list[str], limit: int = 6) -> str:
+    """`a, b, c and 4 more`: the first `limit` of `items` for a one-line message."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def at_least(name: str, value: float, low: float, *, strict: bool = False) -> None:
     """`name` must be >= low (> low when strict)."""
     if value <= low if strict else value < low:

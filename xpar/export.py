@@ -16,8 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from xpar.checks import UserError, report_error
 from xpar.persist import artefact
 from xpar.persist.checkpoint import TRAINER, open_checkpoint, rng_file, saved_rngs
@@ -33,8 +31,7 @@ def consolidate(src: Path) -> Consolidated:
         return read_first_format(path)
     checkpoint = open_checkpoint(path)
     d = checkpoint.description
-    tensors = {k: torch.empty(v.numel, dtype=v.torch_dtype) for k, v in d.tensors.items()}
-    checkpoint.read({k: Fragment.whole(t) for k, t in tensors.items()})
+    tensors = checkpoint.read_whole()
     d.source = f"exported from {checkpoint.path}"
     d.layout = {"world": 1, "ep_size": 1, "backend": "export"}
     trainer, rngs = checkpoint.json(TRAINER), saved_rngs(checkpoint)

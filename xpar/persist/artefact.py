@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xpar.checks import UserError
+from xpar.checks import UserError, short_list
 from xpar.model import ModelConfig
 from xpar.parallel.mesh import Mesh
 from xpar.persist import legacy, sharded
@@ -133,13 +133,19 @@ class Artefact:
     def json(self, name: str) -> Any:
         return read_json(self.path / name)
 
+    def read_whole(self, prefix: str = "") -> dict[str, Tensor]:
+        """Every tensor whose key starts with `prefix`, whole and flat, in this one process."""
+        infos = {k: v for k, v in self.description.tensors.items() if k.startswith(prefix)}
+        tensors = {k: torch.empty(v.numel, dtype=v.torch_dtype) for k, v in infos.items()}
+        self.read({k: Fragment.whole(t) for k, t in tensors.items()})
+        return tensors
+
     def read(self, state: dict[str, Fragment]) -> None:
         """Read every key of `state` into its fragment (every rank of the mesh takes part);
         keys the artefact lacks, or of another size, are a UserError naming them."""
         missing = sorted(set(state) - set(self.description.tensors))
         if missing:
-            more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-            raise UserError(f"{self.path} lacks {', '.join(missing[:4])}{more}")
+            raise UserError(f"{self.path} lacks {short_list(missing, 4)}")
         for key, fragment in state.items():
             saved = self.description.tensors[key].numel
             if saved != fragment.numel:
@@ -190,10 +196,8 @@ def read_model(path: str | Path) -> ModelFiles:
     as the single-device model's state dict, in this one process."""
     art = open_artefact(path)
     d = art.description
-    infos = {k: v for k, v in d.tensors.items() if k.startswith(MODEL)}
-    flat = {k: torch.empty(v.numel, dtype=v.torch_dtype) for k, v in infos.items()}
-    art.read({k: Fragment.whole(t) for k, t in flat.items()})
-    state = {k[len(MODEL) :]: flat[k].view(infos[k].shape) for k in infos}
+    flat = art.read_whole(MODEL)
+    state = {k[len(MODEL) :]: t.view(d.tensors[k].shape) for k, t in flat.items()}
     return ModelFiles(art.path, d.model, state, d.task, art.tokenizer)
 
 

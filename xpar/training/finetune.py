@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from xpar.checks import UserError
+from xpar.checks import UserError, short_list
 from xpar.model import ModelConfig
 from xpar.model.trainable import head_names
 from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
@@ -52,11 +52,6 @@ def architecture_changes(source: ModelConfig, target: ModelConfig) -> list[str]:
     ]
 
 
-def _short(names: list[str], limit: int = 6) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def load_init_weights(
     pm: ParallelModel, path: str, task: TaskConfig, labels: list[str] | None
 ) -> str:
@@ -89,9 +84,9 @@ def load_init_weights(
             wrong.append(f"{name} {list(info.shape)} vs {list(shapes[name])}")
     where = f"trainer.init_from={source.path}"
     if missing:
-        raise UserError(f"{where}: the weights lack {_short(missing)}; is it the same model?")
+        raise UserError(f"{where}: the weights lack {short_list(missing)}; is it the same model?")
     if wrong:
-        raise UserError(f"{where}: shapes differ (weights vs run): {_short(wrong)}")
+        raise UserError(f"{where}: shapes differ (weights vs run): {short_list(wrong)}")
     source.read(load)
     line = f"initialised from {source.path}: {len(load)} tensors"
     if len(load) < len(fragments):
@@ -99,5 +94,5 @@ def load_init_weights(
         line += f"; fresh {task.kind} head (the weights were trained for {why})"
     changes = architecture_changes(saved.model, module.cfg)
     if changes:
-        line += f"; run differs from the weights in {_short(changes)}"
+        line += f"; run differs from the weights in {short_list(changes)}"
     return line
