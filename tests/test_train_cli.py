@@ -4,6 +4,7 @@ wandb offline without leaking the key, and one-line errors for bad input."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,11 @@ TEXT = [
     "data=local_text",
     f"data.data_files=[{REPO}/README.md]",
 ]
+
+
+def snapshot(root) -> dict:
+    """Every file under `root` and its bytes."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def one_line_error(proc, pattern: str) -> None:
@@ -193,18 +199,12 @@ def test_corrupt_checkpoint_on_resume_is_one_line_and_left_alone(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
-    # Hydra rewrites .hydra/ and appends to train.log on every start; all else must stay.
-    before = {
-        p: p.read_bytes()
-        for p in run_dir.rglob("*")
-        if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
-    }
+    before = snapshot(run_dir)  # .hydra/ and train.log too: a refused job writes nothing
     proc = run_cli(
         QUICK + ["run_name=c", "trainer.resume=true", "trainer.max_steps=6"], cwd=tmp_path
     )
     one_line_error(proc, rf"step_4 is incomplete or corrupt: state/{weights.name}.*step_2")
-    after = {p: p.read_bytes() for p in before}
-    assert after == before  # checkpoints and metrics untouched
+    assert snapshot(run_dir) == before  # checkpoints, metrics, config and log untouched
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
 
 
@@ -218,3 +218,76 @@ def test_the_moe_300m_preset_trains_two_steps_on_cpu(tmp_path):
     steps = [json.loads(x) for x in lines if '"loss"' in x]
     assert [s["step"] for s in steps] == [1, 2]
     assert all(abs(s["loss"] - 10.4) < 0.5 for s in steps)  # ~ln(32768): uniform at init
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
+    """The first Ctrl-C asks for a save after the step; a second one stops at once. That
+    used to end in a 70-line KeyboardInterrupt traceback; now one line names the newest
+    checkpoint, and the exit code is the shell's for SIGINT."""
+    args = FAST + ["trainer.max_steps=100000", "trainer.log_every=1", "trainer.save_every=2"]
+    args += ["data.batch_size=128", "run_name=int"]  # steps long enough to signal twice in one
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xpar.train", *args],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    first = tmp_path / "runs/int/checkpoints/step_2/meta.json"
+    deadline = time.monotonic() + 120
+    while not first.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint written"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    newest = re.fullmatch(r"xpar: interrupted without saving; the newest checkpoint is (\S+)", last)
+    assert newest, last
+    steps = sorted(int(p.parent.name[5:]) for p in first.parent.parent.glob("step_*/meta.json"))
+    assert newest.group(1).endswith(f"runs/int/checkpoints/step_{steps[-1]}")
+
+
+def test_refused_jobs_leave_run_dirs_as_they_were_and_new_runs_start_afresh(tmp_path):
+    """A fresh run refused because its run dir holds checkpoints used to rewrite that run's
+    .hydra/ (which `python -m xpar.hf export RUN_DIR` then read: the wrong top_k), a job
+    refused at validation left runs/<time>/ with .hydra/ and an empty train.log, a fresh start
+    in a run dir without checkpoints appended to its metrics.jsonl (step 1 twice), and
+    `trainer.resume=true` with a mistyped run_name, or at trainer.max_steps already, said
+    nothing a user would notice."""
+    assert run_cli(QUICK + ["run_name=r"], cwd=tmp_path).returncode == 0
+    run_dir = tmp_path / "runs/r"
+    before = snapshot(run_dir)
+    refused = run_cli(QUICK + ["run_name=r", "moe.top_k=1"], cwd=tmp_path)
+    one_line_error(refused, "runs/r/checkpoints already holds checkpoints")
+    assert snapshot(run_dir) == before
+    one_line_error(run_cli(QUICK + ["data.seq_len=1000"], cwd=tmp_path), "exceeds")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a b c"}\n{oops\n')
+    text = ["trainer.device=cpu", "data=hf_text", "data.path=json"]
+    text += [f"data.data_files=[{tmp_path}/bad.jsonl]"]
+    text += ["data.tokenizer=byt5", "model.vocab_size=384", "run_name=j"]  # refused by the trainer
+    one_line_error(run_cli(text, cwd=tmp_path, HF_DATASETS_OFFLINE="1"), "line 2 is not")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["r"]
+
+    done = run_cli(QUICK + ["run_name=r", "trainer.resume=true"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "xpar: warning: nothing to train: the run is at step 4 and trainer.max_steps=4" in (
+        done.stderr
+    )
+    typo = run_cli(
+        QUICK + ["run_name=rr", "trainer.resume=true", "trainer.max_steps=1"], cwd=tmp_path
+    )
+    assert typo.returncode == 0, typo.stderr[-2000:]
+    warning = f"xpar: warning: trainer.resume=true found nothing to resume in {tmp_path}/runs/rr"
+    assert warning in typo.stderr and "similar runs with checkpoints: r;" in typo.stderr
+
+    old = (run_dir / "metrics.jsonl").read_bytes()
+    for p in (run_dir / "checkpoints").iterdir():
+        shutil.rmtree(p)
+    assert run_cli(QUICK + ["run_name=r"], cwd=tmp_path).returncode == 0
+    assert (run_dir / "metrics.1.jsonl").read_bytes() == old
+
+    def steps(text: str) -> list[int]:
+        return [m["step"] for m in map(json.loads, text.splitlines()) if "loss" in m]
+
+    assert steps((run_dir / "metrics.jsonl").read_text()) == steps(old.decode()) == [4]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 
@@ -18,6 +19,15 @@ def report_error(message: str) -> int:
     sys.stderr.write(f"xpar: error: {message}\n")
     sys.stderr.flush()
     return 2
+
+
+def report_warning(message: str, log: logging.Logger | None = None) -> None:
+    """Something the user should not miss that does not stop the job: `xpar: warning:` on
+    stderr, beside error lines, and the same in the run's log when there is one."""
+    sys.stderr.write(f"xpar: warning: {message}\n")
+    sys.stderr.flush()
+    if log is not None:
+        log.warning(message)
 
 
 def short_list(items: list[str], limit: int = 6) -> str:

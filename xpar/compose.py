@@ -4,17 +4,19 @@ artefact it resumes or starts from."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from xpar.checks import UserError
-from xpar.config import CONF_DIR
+from xpar.config import CONF_DIR, TrainConfig, schema_error, to_train_config
 
 
 def compose_checked(overrides: list[str]) -> DictConfig | None:
@@ -24,16 +26,63 @@ def compose_checked(overrides: list[str]) -> DictConfig | None:
     if any(arg.startswith("-") for arg in overrides):
         return None
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose("config", overrides=overrides, return_hydra_config=True)
+        return _compose(overrides)
+    except AssertionError as e:  # OmegaConf's, for a key set inside a null section
+        raise UserError(null_section_error(overrides)) from e
     except MissingConfigException as e:
         options = sorted(o for o in (e.options or []) if not o.startswith("schema"))
         raise UserError(f"{str(e).splitlines()[0]}; valid options: {', '.join(options)}") from e
-    except (HydraException, OmegaConfBaseException) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise UserError("; ".join(lines[:2])) from e
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise UserError(override_error(e)) from e
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("config", overrides=overrides, return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
+
+
+def null_section_error(overrides: list[str]) -> str:
+    """The first override that sets a key inside a section this job leaves null (model.mla of
+    a model without latent attention, moe of a dense model), found by composing one more
+    override at a time."""
+    for i, override in enumerate(overrides):
+        try:
+            _compose(overrides[: i + 1])
+        except AssertionError:
+            key = override.split("=", 1)[0].lstrip("+~")
+            section = key.rpartition(".")[0]
+            return (
+                f"{override}: {section} is null in this job, so {key} cannot be set (pick a "
+                f"model or option that has {section}, or set {section} whole)"
+            )
+        except (HydraException, OmegaConfBaseException, ValueError):
+            continue
+    return f"the overrides {overrides} set a key inside a section that is null in this job"
+
+
+def override_error(e: Exception) -> str:
+    """Hydra's report on an override as one line. A bad value or unknown key is described by
+    the schema (the field's type and the value given; the nearest valid key), not by Hydra's
+    `Error merging override` or its hint to add the key with `+`."""
+    cause = e.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return schema_error(cause)
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines[:2]) or type(e).__name__
+
+
+def checked_job(composed: DictConfig, overrides: list[str]) -> TrainConfig:
+    """The TrainConfig of a composed job (the hydra node dropped, the architecture adopted),
+    built and checked before Hydra starts the job, so that a refused job creates nothing."""
+    HydraConfig.instance().set_config(composed)
+    job = copy.deepcopy(composed)
+    with open_dict(job):
+        del job["hydra"]
+    adopt_architecture(job, overrides)
+    return to_train_config(job)
 
 
 def adopt_architecture(job: DictConfig, overrides: list[str]) -> None:

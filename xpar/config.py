@@ -7,7 +7,9 @@ sections against each other once they are all built.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,9 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException, ValidationError
 
-from xpar.checks import UserError, at_least, one_of
+from xpar.checks import UserError, at_least, one_of, short_list
 from xpar.data.config import DataConfig, HFLabelsDataConfig, HFTextDataConfig, SyntheticDataConfig
 from xpar.model import PRESETS, ModelConfig
 from xpar.moe import MoEConfig
@@ -173,10 +175,12 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)  # besides router=, ep=, zero=, experiment=
     name: str | None = None  # wandb run name; None: run_name (and the sweep job's overrides)
     group: str | None = None  # wandb group; None: the experiment, else the -m sweep
+    init_timeout_s: float = 60.0  # online: how long wandb may take to reach its server
 
     def __post_init__(self) -> None:
         one_of("logger.kind", self.kind, LOGGERS)
         one_of("logger.mode", self.mode, WANDB_MODES)
+        at_least("logger.init_timeout_s", self.init_timeout_s, 0.0, strict=True)
 
 
 @dataclass
@@ -228,6 +232,12 @@ class TrainConfig:
     run_name: str = MISSING
 
     def __post_init__(self) -> None:
+        name = self.run_name
+        if not name or name in (".", "..") or any(sep in name for sep in "/\\"):
+            raise UserError(
+                f"run_name={name!r} must be a plain name, without '/', '\\' or '..' (the run "
+                f"goes to runs/<run_name>/; hydra.run.dir=PATH puts a run elsewhere)"
+            )
         model = self.model_config()
         if self.data.seq_len > model.max_seq_len:
             raise UserError(
@@ -280,9 +290,19 @@ def model_preset_node(name: str) -> dict:
     return {"model": arch, "moe": moe}
 
 
+def checkout_readme() -> str:
+    """`${xpar.readme:}`, data=local_text's default file: the README.md of the checkout this
+    package runs from (a source tree or an editable install), from any directory; else (an
+    installed wheel) README.md in the current directory."""
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    return str(readme) if readme.is_file() else "README.md"
+
+
 def register_configs() -> None:
-    """Put the schema and the Python-defined model presets in Hydra's ConfigStore. The data
-    schemas live under `schema/data` so they do not show up as `data=` options."""
+    """Put the schema and the Python-defined model presets in Hydra's ConfigStore (the data
+    schemas under `schema/data`, so they do not show up as `data=` options), and the
+    resolvers the YAML uses."""
+    OmegaConf.register_new_resolver("xpar.readme", checkout_readme, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="schema/data", name="synthetic", node=SyntheticDataConfig)
@@ -293,12 +313,69 @@ def register_configs() -> None:
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """The checked TrainConfig; any bad value becomes a one-line UserError naming it."""
+    """The checked TrainConfig; any bad value, and any key the schema does not have (Hydra's
+    `+key=value` adds one to a typed section unchecked), becomes a one-line UserError naming
+    it."""
+    check_known_keys(cfg)
     try:
         obj = OmegaConf.to_object(cfg)
     except (ValueError, TypeError) as e:  # a section's own check
         raise UserError(str(e)) from e
     except OmegaConfBaseException as e:  # a missing value, a wrong type
-        raise UserError(str(e).splitlines()[0] + f" ({getattr(e, 'full_key', '')})") from e
+        raise UserError(schema_error(e)) from e
     assert isinstance(obj, TrainConfig)
     return obj
+
+
+def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
+    """Every key of a typed section must be one of its dataclass's fields."""
+    schema = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(schema):
+        fields = [f.name for f in dataclasses.fields(schema)]
+        for key in cfg:
+            if key not in fields and not (key == "hydra" and not prefix):
+                raise UserError(unknown_key(f"{prefix}{key}", fields))
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            check_known_keys(node, f"{prefix}{key}.")
+
+
+def unknown_key(full_key: str, fields: list[str]) -> str:
+    """`unknown key moe.topk (did you mean moe.top_k?)`, else the section's keys."""
+    section, _, key = full_key.rpartition(".")
+    where = f"{section}." if section else ""
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    hint = f"did you mean {where}{close[0]}?" if close else f"{section or 'the config'} has "
+    if not close:
+        hint += short_list(sorted(fields), limit=12)
+    return f"unknown key {full_key} ({hint})"
+
+
+def schema_error(e: OmegaConfBaseException) -> str:
+    """OmegaConf's complaint about a value as one line: an unknown key, or a value of the
+    wrong type with the field's type and the value given."""
+    full_key = getattr(e, "full_key", None) or ""
+    schema = getattr(e, "object_type", None)
+    key = full_key.rpartition(".")[2]
+    if isinstance(e, ConfigAttributeError) and dataclasses.is_dataclass(schema):
+        return unknown_key(full_key, [f.name for f in dataclasses.fields(schema)])
+    if isinstance(e, ValidationError) and dataclasses.is_dataclass(schema):
+        hint = typing.get_type_hints(schema).get(key)
+        value = re.match(r"Value '(.*?)'", str(e))
+        if hint is not None and value:
+            return f"{full_key}={value.group(1)}: {full_key} takes {type_name(hint)}"
+    return str(e).splitlines()[0] + (f" ({full_key})" if full_key else "")
+
+
+def type_name(hint: Any) -> str:
+    """A field's type in words: `an int`, `a float or null`, `a list of str`."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return " or ".join(type_name(a) for a in rest) + " or null"
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return f"a list of {getattr(args[0], '__name__', args[0]) if args else 'values'}"
+    name = {int: "an int", float: "a float", bool: "a bool (true or false)", str: "a string"}
+    return name.get(hint, f"a {getattr(hint, '__name__', hint)}")

@@ -5,7 +5,6 @@ for what a restart needs; and the facts of the launch go to the tracker."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
@@ -15,11 +14,9 @@ from typing import Any
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
 
 from xpar.checks import UserError
-from xpar.compose import adopt_architecture
-from xpar.config import TrainConfig, to_train_config
+from xpar.config import TrainConfig
 from xpar.parallel.mesh import check_layout, join_process_group, world_from_env
 
 
@@ -32,17 +29,9 @@ def join_checked(cfg: TrainConfig) -> None:
     join_process_group(pick_device(cfg.trainer.device), cfg.parallel.timeout_s)
 
 
-def join_and_share_run_name(composed: DictConfig | None, overrides: list[str]) -> None:
+def join_and_share_run_name(cfg: TrainConfig, overrides: list[str]) -> None:
     """Under torchrun, before Hydra starts the job: join (checked, see join_checked) and give
     every rank rank 0's run name (each rank would resolve ${now:...} itself)."""
-    if composed is None:
-        raise UserError("under torchrun, pass plain overrides only (no -m sweeps or Hydra flags)")
-    HydraConfig.instance().set_config(composed)
-    job = copy.deepcopy(composed)
-    with open_dict(job):
-        del job["hydra"]
-    adopt_architecture(job, overrides)
-    cfg = to_train_config(job)
     join_checked(cfg)
     if not any(arg.startswith("run_name=") for arg in overrides):
         name = [cfg.run_name]
@@ -72,13 +61,9 @@ def check_restartable(overrides: list[str]) -> None:
 
 
 def quiet_other_ranks() -> None:
-    """Only rank 0 writes the log file and logs progress; other ranks log warnings."""
-    if world_from_env()[1] == 0:
-        return
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
-        root.removeHandler(handler)
-    root.setLevel(logging.WARNING)
+    """Only rank 0 logs progress (and writes train.log); other ranks log warnings."""
+    if world_from_env()[1] != 0:
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 def export_submitit_tasks() -> None:

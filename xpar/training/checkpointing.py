@@ -3,12 +3,13 @@ best model) through the backend, every rank its own pieces (xpar.persist.checkpo
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from xpar.checks import UserError
+from xpar.checks import UserError, report_warning
 from xpar.model import ModelConfig
 from xpar.parallel.mesh import Mesh
 from xpar.parallel.parallelize import ParallelModel
@@ -74,7 +75,7 @@ def choose_resume(resume: bool | str, root: Path) -> Path | None:
     if resume is True:
         path = ckpt.latest_checkpoint(root)
         if path is None:
-            log.warning("trainer.resume=true: no checkpoint in %s, starting at step 0", root)
+            report_warning(nothing_to_resume(root), log)
         return path
     path = Path(resume)
     if not path.exists():
@@ -83,6 +84,22 @@ def choose_resume(resume: bool | str, root: Path) -> Path | None:
         return artefact.resolve_source(path)
     except UserError:
         raise UserError(f"trainer.resume={resume}: holds no complete checkpoint") from None
+
+
+def nothing_to_resume(root: Path) -> str:
+    """What `trainer.resume=true` found when `root` holds no checkpoint: where it looked, and
+    the runs beside it with names like this one's that do hold checkpoints (a mistyped
+    run_name)."""
+    run_dir = root.parent
+    line = f"trainer.resume=true found nothing to resume in {root}: starting a new run at step 0"
+    if not run_dir.parent.is_dir():
+        return line
+    names = [p.name for p in run_dir.parent.iterdir() if p.is_dir() and p != run_dir]
+    close = difflib.get_close_matches(run_dir.name, names, n=5, cutoff=0.5)
+    near = [n for n in close if ckpt.latest_checkpoint(run_dir.parent / n / "checkpoints")]
+    if near:
+        line += f" (similar runs with checkpoints: {', '.join(near)}; is run_name right?)"
+    return line
 
 
 def check_compatible(path: Path, saved: Description, pm: ParallelModel) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from xpar.checks import UserError
+from xpar.checks import UserError, report_warning
 from xpar.config import TrainConfig
 from xpar.data import Sharding, check_token_ids
 from xpar.model import flops_per_token
@@ -39,8 +39,9 @@ from xpar.training.checkpointing import Checkpoints, resume_path
 from xpar.training.finetune import load_init_weights, trainable_counts
 from xpar.training.inputs import build_data
 from xpar.training.optim import build_scheduler, load_scheduler
+from xpar.training.records import set_aside
 from xpar.training.stats import StepStats, Tally
-from xpar.training.tracking import Tracker
+from xpar.training.tracking import METRICS_FILE, Tracker
 from xpar.training.validation import Validation
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,12 @@ class Trainer:
             trainable, total, 100 * trainable / total, ft.train,
         )  # fmt: skip
         params = {"params_trainable": trainable, "params_total": total}
+        if (
+            resume_from is None
+            and self.rank == 0
+            and (kept := set_aside(self.run_dir / METRICS_FILE))
+        ):
+            log.info("a new run: the earlier run's metrics are kept as %s", kept)
         self.tracker = Tracker(
             self.run_dir,
             cfg.logger,
@@ -324,6 +331,12 @@ class Trainer:
         end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
         result = FitResult(self.step, None, self.data.floor, self.bad_steps)
         result.early_stopped = self.monitor.should_stop  # resumed after stopping early: done
+        if self.step >= end and self.rank == 0 and not result.early_stopped:
+            report_warning(
+                f"nothing to train: the run is at step {self.step} and trainer.max_steps="
+                f"{tc.max_steps}; raise trainer.max_steps to train further",
+                log,
+            )
         torch.autograd.set_detect_anomaly(tc.detect_anomaly)
         # A live bar on a terminal; in a log file (batch jobs, CI) one line per logged step.
         live = tc.progress and sys.stderr.isatty() and self.rank == 0
