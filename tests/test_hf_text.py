@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import socket
+import time
 from pathlib import Path
 
+import huggingface_hub
 import pandas as pd
 import pytest
 import torch
@@ -231,7 +234,14 @@ def test_stream_loader_serves_every_block_once_per_epoch_and_resumes_anywhere():
         _steps(StreamLoader(stream, 12, Sharding(micro_batch=12), window=4, vocab=11), 1)
 
 
-def _error(corpus: dict, tmp_path: Path, case: str) -> UserError:
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error(corpus: dict, tmp_path: Path, case: str, monkeypatch) -> UserError:
     vocab, kw = VOCAB, {}
     if case == "no_file":
         kw = {"data_files": [str(tmp_path / "x" / "*.txt")]}
@@ -248,6 +258,18 @@ def _error(corpus: dict, tmp_path: Path, case: str) -> UserError:
         kw = {"seq_len": 100_000}
     elif case == "big_tokenizer":
         vocab = 20
+    elif case == "bad_json_line":  # datasets names neither the file nor the line (0-based row)
+        lines = [json.dumps({"text": f"doc {i}"}) for i in range(4)]
+        (tmp_path / "docs.jsonl").write_text("\n".join([*lines[:2], "{bad", *lines[2:]]) + "\n")
+        kw = {"path": "json", "data_files": [str(tmp_path / "docs.jsonl")]}
+    elif case == "bad_json_document":
+        (tmp_path / "doc.json").write_text('[\n  {"text": "a"},\n  {"text": }\n]\n')
+        kw = {"path": "json", "data_files": [str(tmp_path / "doc.json")]}
+    elif case == "hub_unreachable":  # not cached, and the hub's port is closed: no retries
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+        kw = {"tokenizer": "no-such-org/no-such-tokenizer"}
     with pytest.raises(UserError) as info:
         build_hf_text(_cfg(corpus, tmp_path, **kw), vocab, Sharding(micro_batch=8))
     return info.value
@@ -263,11 +285,17 @@ def _error(corpus: dict, tmp_path: Path, case: str) -> UserError:
         ("no_column", "data.text_column='body' is not among the columns ['text']"),
         ("too_small", "tokens, too few for one block of data.seq_len + 1 = 100001"),
         ("big_tokenizer", "but model.vocab_size=20"),
+        ("bad_json_line", "docs.jsonl line 3 is not JSON (Expecting property name"),
+        ("bad_json_document", "doc.json line 3 is not JSON"),
+        ("hub_unreachable", "is not in the local Hugging Face cache and the hub (127.0.0.1)"),
     ],
 )
-def test_bad_input_is_a_one_line_user_error(corpus, tmp_path, case, names):
-    message = str(_error(corpus, tmp_path, case))
+def test_bad_input_is_a_one_line_user_error(corpus, tmp_path, case, names, monkeypatch):
+    start = time.monotonic()
+    message = str(_error(corpus, tmp_path, case, monkeypatch))
     assert names in message and "\n" not in message
+    assert "data.path=text|json" not in message or case == "offline_hub"  # json was set
+    assert time.monotonic() - start < 30  # the hub client's retries took most of a minute
 
 
 @pytest.mark.parametrize("where", ["validation split", "train blocks", "training stream"])
@@ -303,13 +331,14 @@ def test_token_ids_beyond_the_model_vocab_stop_on_the_cpu(tmp_path, where):
 
 
 def test_byt5_and_the_local_text_preset_run_offline(tmp_path, monkeypatch):
-    """conf/data/local_text.yaml as it is, from the repo root: ByT5 needs no files, and the
-    preset gives the model the 384 embeddings it needs."""
-    monkeypatch.chdir(REPO)
+    """conf/data/local_text.yaml as it is, from another directory than the checkout (its
+    default file is the checkout's README): ByT5 needs no files, and the preset gives the
+    model the 384 embeddings it needs."""
+    monkeypatch.chdir(tmp_path)
     job = build(["data=local_text", f"data.cache_dir={tmp_path}"])
     assert job.model.vocab_size == 384
     bundle = build_data(job.data, job.model_config().vocab_size, Sharding(micro_batch=8))
-    assert "text files README.md, tokenizer byt5 (384 tokens)" in bundle.description
+    assert f"text files {REPO}/README.md, tokenizer byt5 (384 tokens)" in bundle.description
     readme, tok = (REPO / "README.md").read_text(), ByT5Tokenizer()
     eos = 0
     for tokens_BL in [*bundle.train.next_step(), bundle.val.take([0])]:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import os
+import socket
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from datasets import Dataset, Features, IterableDataset, List, Value, load_dataset
@@ -41,19 +44,48 @@ def load_tokenizer(name: str, model_vocab: int) -> PreTrainedTokenizerBase:
     elif name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise UserError(f"data.tokenizer={name!r} is no directory; give a tokenizer directory")
     else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"data.tokenizer={name!r} could not be loaded ({first_line(e)}); give a local "
-                f"tokenizer directory, 'byt5', or a hub name while online"
-            ) from e
+        tokenizer = _pretrained_tokenizer(os.path.expanduser(name))
     if len(tokenizer) > model_vocab:
         raise UserError(
             f"data.tokenizer={name!r} has {len(tokenizer)} tokens but model.vocab_size="
             f"{model_vocab}; raise model.vocab_size or use a smaller tokenizer"
         )
     return tokenizer
+
+
+def _pretrained_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """A tokenizer dir, or a hub name from the local cache, else from the hub. A hub that
+    cannot be reached fails at once: the hub client would retry for most of a minute."""
+    hint = "give a local tokenizer directory, 'byt5', or a hub name while online"
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if (host := unreachable_hub()) is not None:
+        raise UserError(
+            f"data.tokenizer={name!r} is not in the local Hugging Face cache and the hub "
+            f"({host}) cannot be reached; {hint}"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"data.tokenizer={name!r} could not be loaded ({first_line(e)}); {hint}"
+        ) from e
+
+
+def unreachable_hub(timeout_s: float = 3.0) -> str | None:
+    """The hub's host when a connection to it fails within `timeout_s` (no proxy set, which
+    would be the client's to use), else None."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, endpoint.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return host
+    return None
 
 
 def check_data_files(cfg: HFTextDataConfig | HFLabelsDataConfig) -> None:
@@ -80,7 +112,8 @@ def load_split(
     streaming: bool = False,
 ) -> Any:
     """`datasets.load_dataset` of one split of data.path; a failure is one line naming
-    `field` and the local `builders` that read data.data_files."""
+    `field` and, for a hub name, the local `builders` that read data.data_files; for a local
+    JSON file that does not parse, the file and its first bad line (1-based)."""
     try:
         return load_dataset(
             cfg.path,
@@ -92,10 +125,40 @@ def load_split(
         )
     except (OSError, ValueError, DatasetsError) as e:
         why = first_line(e) + (f": {first_line(e.__cause__)}" if e.__cause__ else "")
+        if cfg.path == "json" and (bad := first_bad_json_line(files or [])):
+            raise UserError(f"data.path='json': {bad}; fix or remove that line") from e
+        if cfg.path in BUILDERS:
+            raise UserError(
+                f"data.path={cfg.path!r} could not read {files} ({field}={split!r}): {why}"
+            ) from e
         raise UserError(
             f"data.path={cfg.path!r} ({field}={split!r}) could not be loaded ({why}); check the "
             f"name, or read local files with data.path={builders} and data.data_files"
         ) from e
+
+
+def first_bad_json_line(patterns: list[str]) -> str | None:
+    """`FILE line N is not JSON (why)`: the first line of the files `patterns` match that
+    does not parse as one JSON value (JSON Lines), or where a file that is one JSON document
+    over many lines breaks; None when every file parses."""
+    for path in sorted({f for p in patterns for f in glob.glob(p, recursive=True)}):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            numbered = ((n, line) for n, line in enumerate(f, 1) if line.strip())
+            for index, (number, line) in enumerate(numbered):
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    if index > 0:
+                        return f"{path} line {number} is not JSON ({e.msg})"
+                    break  # the first line is no value alone: perhaps one document
+            else:
+                continue
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                json.load(f)
+        except json.JSONDecodeError as e:
+            return f"{path} line {e.lineno} is not JSON ({e.msg})"
+    return None
 
 
 def _load(cfg: HFTextDataConfig, field: str, split: str) -> tuple[Any, list[str]]:
