@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from xpar.export import export
+from xpar.export import main as export_main
 from xpar.hf.__main__ import main as hf_main
 from xpar.persist import read_model, write_model_dir
 
@@ -89,3 +90,19 @@ def test_a_model_dir_is_not_a_checkpoint_to_resume(tmp_path, artefacts):
     assert proc.returncode == 2
     assert "is a model dir (weights only), not a checkpoint" in proc.stderr
     assert f"trainer.init_from={artefacts['best']}" in proc.stderr
+
+
+def test_the_export_takes_a_run_dir_and_refuses_a_non_empty_out_dir(tmp_path, artefacts, capsys):
+    """`python -m xpar.export` agrees with the other writers: OUT_DIR must be new or empty (it
+    used to write into any dir), and a run dir names its newest checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(artefacts["checkpoint"], run / "checkpoints" / "step_4")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert export_main([str(run), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"xpar: error: {out} is not empty; pick a new output dir (nothing was written)"]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert export_main([str(run), str(tmp_path / "new")]) == 0
+    assert (tmp_path / "new/step_4/meta.json").is_file()

@@ -175,7 +175,8 @@ def test_many_layers_show_the_mean_and_the_first_and_last():
     np.testing.assert_allclose(panels[2][1], load_SLE[:, 5].T * 4)
 
 
-def test_torn_lines_nulls_and_repeated_steps(runs, tmp_path):
+def test_torn_lines_nulls_and_repeated_steps(runs, tmp_path, capsys):
+    """Lines that are not records are skipped and counted (they used to be skipped silently)."""
     run = tmp_path / "run"
     shutil.copytree(runs["moe"] / ".hydra", run / ".hydra")
     text = (runs["moe"] / "metrics.jsonl").read_text()
@@ -187,6 +188,11 @@ def test_torn_lines_nulls_and_repeated_steps(runs, tmp_path):
         + '{"step": 14, "lo'  # a crash mid-write
     )
     train, evals = report.read_metrics(run)
+    warning = capsys.readouterr().err
+    assert warning == (
+        f"xpar: warning: skipped 2 line(s) of {run / 'metrics.jsonl'} that are not metric "
+        "records (a JSON object with an integer step)\n"
+    )
     assert [r["step"] for r in train] == list(range(1, 14))
     assert train[11]["loss"] == 3.25  # the repeated step's last line wins
     steps, loss = report.series(train, "loss")

@@ -7,7 +7,8 @@ that
 
 CHECKPOINT may be written by any layout and backend, or by xpar's first format (gathered
 weights, or DeepSpeed's own files), which this converts; a step_N dir, or a checkpoints or run
-dir (its newest checkpoint). The whole state passes through this one process's memory.
+dir (its newest checkpoint). OUT_DIR must be new or empty. The whole state passes through this
+one process's memory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from xpar.checks import UserError, report_error
 from xpar.persist import artefact
 from xpar.persist.checkpoint import TRAINER, open_checkpoint, rng_file, saved_rngs
 from xpar.persist.sharded import Fragment
-from xpar.persist.staged import json_bytes
+from xpar.persist.staged import check_out_dir, json_bytes
 from xpar.training.legacy import Consolidated, is_first_format, read_first_format
 
 
@@ -39,11 +40,11 @@ def consolidate(src: Path) -> Consolidated:
 
 
 def export(src: Path, out: Path) -> Path:
-    """Consolidate `src` into `out/step_N` (see the module docstring); returns that path."""
+    """Consolidate `src` into `out/step_N` (see the module docstring); returns that path.
+    `out` must be new or empty, as for every other writer of artefacts."""
+    check_out_dir(out)
     c = consolidate(src)
     final = Path(out) / f"step_{c.description.step}"
-    if final.exists():
-        raise UserError(f"{final} already exists; pick another OUT_DIR")
     files = {TRAINER: json_bytes(c.trainer, TRAINER)}
     files |= {rng_file(rank): json_bytes(state, "RNG states") for rank, state in c.rngs.items()}
     state = {k: Fragment.whole(t) for k, t in c.tensors.items()}
@@ -53,7 +54,7 @@ def export(src: Path, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xpar.export", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="checkpoints/step_N (or checkpoints/)")
-    parser.add_argument("out_dir", type=Path, help="where step_N/ is written")
+    parser.add_argument("out_dir", type=Path, help="a new or empty dir; step_N/ goes into it")
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.out_dir)

@@ -24,9 +24,9 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
-from xpar.checks import UserError, report_error
+from xpar.checks import UserError, report_error, report_warning
 from xpar.training.load_plot import load_figure
-from xpar.training.records import Record, read_records
+from xpar.training.records import Record, read_records_counted
 
 CONFIG_FACTS = (
     "model.n_layers", "model.d_model", "moe.router", "moe.num_experts", "moe.top_k",
@@ -48,7 +48,8 @@ class Section:
 
 def read_metrics(run_dir: Path) -> tuple[list[Record], list[Record]]:
     """Training and evaluation records of `run_dir/metrics.jsonl`, each sorted by step. Lines
-    that do not parse (a torn last line) are skipped; a repeated step keeps its last line."""
+    that are not records (a torn last line, garbage) are skipped, with a warning that counts
+    them; a repeated step keeps its last line."""
     path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory; pass the run dir of python -m xpar.train")
@@ -56,13 +57,20 @@ def read_metrics(run_dir: Path) -> tuple[list[Record], list[Record]]:
         raise UserError(f"{path} not found; is {run_dir} the run dir of python -m xpar.train?")
     train: dict[int, Record] = {}
     evals: dict[int, Record] = {}
-    for record in read_records(path):
+    records, skipped = read_records_counted(path)
+    if records and skipped:
+        report_warning(
+            f"skipped {skipped} line(s) of {path} that are not metric records (a JSON object "
+            f"with an integer step)"
+        )
+    for record in records:
         if "loss" in record:
             train[record["step"]] = record
         if "val_loss" in record:
             evals[record["step"]] = record
     if not train and not evals:
-        raise UserError(f"{path} holds no metrics (no line with a step and a loss)")
+        not_records = f"; {skipped} line(s) that are not records" if skipped else ""
+        raise UserError(f"{path} holds no metrics (no line with a step and a loss{not_records})")
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 
