@@ -1,10 +1,12 @@
-"""Tracker: metrics.jsonl lines, resume truncation, heatmaps, and offline wandb runs (no network:
-wandb is only ever offline here)."""
+"""Tracker: metrics.jsonl lines, resume truncation, heatmaps, and wandb runs (no network: wandb
+runs offline, or online against a closed local port)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -12,8 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from xpar.checks import UserError
 from xpar.config import LoggerConfig
-from xpar.training.tracking import LoadHistory, Tracker, wandb_labels, wandb_mode
+from xpar.training.tracking import (
+    LoadHistory,
+    Tracker,
+    unreachable_message,
+    wandb_labels,
+    wandb_mode,
+)
 
 SENTINEL = "xpar-test-key-5f0c1e7a9b3d4c2e8f6a1b0c9d8e7f6a"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -170,7 +179,7 @@ def wandb_env(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_SILENT", "true")
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
-    for var in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR"):
+    for var in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
 
@@ -239,6 +248,7 @@ def test_wandb_auto_mode_without_key_is_offline(wandb_env, tmp_path):
     tracker = Tracker(run_dir, LoggerConfig(kind="wandb", mode="auto"), {})
     tracker.log(1, {"loss": 1.25})
     tracker.finish()
+    # read at once: finish() returns only once wandb-core has written out and closed the file
     assert wandb_history(run_dir)[1]["loss"] == 1.25
 
     # a resumed tracker continues the same wandb run id
@@ -246,6 +256,46 @@ def test_wandb_auto_mode_without_key_is_offline(wandb_env, tmp_path):
     tracker = Tracker(run_dir, LoggerConfig(kind="wandb", mode="auto"), {}, resume_step=1)
     tracker.finish()
     assert (run_dir / "wandb_run_id").read_text() == first_id
+
+
+def closed_port() -> int:
+    """A local TCP port with nothing listening: connecting to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_wandb_without_a_network_fails_in_bounded_time_with_one_line(wandb_env, tmp_path, capfd):
+    import wandb  # noqa: F401  (before the clock: the bound is on wandb.init, not imports)
+
+    wandb_env.delenv("WANDB_SILENT")  # what a user sees: wandb must print nothing itself
+    wandb_env.setenv("WANDB_API_KEY", SENTINEL)  # so logger.mode=auto means online
+    wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    run_dir = tmp_path / "run"
+    cfg = LoggerConfig(kind="wandb", init_timeout_s=2.0)
+    start = time.monotonic()
+    with pytest.raises(UserError) as error:
+        Tracker(run_dir, cfg, {})
+    elapsed = time.monotonic() - start
+
+    message = str(error.value)
+    assert "\n" not in message and SENTINEL not in message
+    assert "logger.mode=offline" in message and "logger.init_timeout_s=2" in message, message
+    assert "WANDB_API_KEY is set" in message and "connection refused" in message, message
+    # wandb's own default waits ~95 s; the margin is for starting wandb-core on busy CPUs
+    assert elapsed < cfg.init_timeout_s + 30, elapsed
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
+    assert not (run_dir / "wandb_run_id").exists()
+    for path in (p for p in tmp_path.rglob("*") if p.is_file()):
+        assert SENTINEL.encode() not in path.read_bytes(), path
+
+    # the process is left as it was: an offline run starts right after
+    wandb_env.delenv("WANDB_API_KEY")
+    Tracker(run_dir, cfg, {}).finish()
+    assert (run_dir / "wandb_run_id").exists()
+    assert "logger.mode=online" in unreachable_message(LoggerConfig(mode="online"), TimeoutError())
 
 
 def test_wandb_labels_name_sweep_jobs_and_fall_back_to_the_sweep_group():

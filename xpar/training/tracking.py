@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from xpar.checks import UserError
 from xpar.config import LoggerConfig
 from xpar.training.load_plot import load_figure
 from xpar.training.records import read_records
@@ -116,6 +117,20 @@ def wandb_labels(
     return name, group, [t[:64] for t in dict.fromkeys(tags)]  # wandb: tags of <= 64 chars
 
 
+def unreachable_message(cfg: LoggerConfig, error: Exception) -> str:
+    """The one line for an online wandb.init that did not reach the W&B server within
+    logger.init_timeout_s (no network, a firewall, a wrong WANDB_BASE_URL)."""
+    why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    mode = (
+        "logger.mode=auto and WANDB_API_KEY is set" if cfg.mode == "auto" else "logger.mode=online"
+    )
+    return (
+        f"logger=wandb could not start an online run ({mode}) within "
+        f"logger.init_timeout_s={cfg.init_timeout_s:g}: {why}; without a network use "
+        "logger.mode=offline (and `wandb sync` the run later)"
+    )
+
+
 class LoadHistory:
     """The expert load of logged training steps, for the heatmap over time. At most
     `max_columns` steps are kept: past that, every other one is dropped and from then on only
@@ -170,9 +185,9 @@ class Tracker:
         if resume_step is not None:  # the heatmap over time goes on from the earlier steps
             for record in read_records(metrics):
                 self._history.add(record["step"], record.get("expert_load"))
-        self._file = metrics.open("a")
-        if cfg.kind == "wandb":
+        if cfg.kind == "wandb":  # first: a run that cannot start leaves no file open
             self._run = self._start_wandb(cfg, config)
+        self._file = metrics.open("a")
 
     def _start_wandb(self, cfg: LoggerConfig, config: dict[str, Any]) -> Any:
         import wandb  # only runs that track with wandb pay for its import
@@ -182,20 +197,31 @@ class Tracker:
         id_file = self.run_dir / RUN_ID_FILE
         resume = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.exists() else {}
         name, group, tags = wandb_labels(cfg, config, self.run_dir.name)
-        run = wandb.init(
-            project=cfg.project,
-            entity=cfg.entity,
-            name=name,
-            group=group,
-            tags=tags,
-            config=config,
-            dir=str(self.run_dir),
-            mode=wandb_mode(cfg.mode),
-            # console="off": captured stdout could hold anything (even an echoed key); the
-            # trainer's numbers reach wandb through log() anyway. silent: no banner spam.
-            settings=wandb.Settings(silent=True, console="off", save_code=False),
-            **resume,
+        mode = wandb_mode(cfg.mode)
+        # console="off": captured stdout could hold anything (even an echoed key); the
+        # trainer's numbers reach wandb through log() anyway. silent: no banner spam.
+        settings = wandb.Settings(
+            silent=True, console="off", save_code=False, init_timeout=cfg.init_timeout_s
         )
+        wandb.setup(settings)  # also global: wandb logs in (and says so) before init() reads them
+        try:
+            run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=name,
+                group=group,
+                tags=tags,
+                config=config,
+                dir=str(self.run_dir),
+                mode=mode,
+                settings=settings,
+                **resume,
+            )
+        except (wandb.errors.CommError, TimeoutError) as e:
+            if mode != "online":
+                raise
+            wandb.teardown()  # now, within the bound, rather than at exit
+            raise UserError(unreachable_message(cfg, e)) from e
         id_file.write_text(run.id)
         # Every metric against the optimizer step (also after a resume); best-so-far summaries.
         run.define_metric("step", hidden=True)
@@ -298,13 +324,21 @@ class Tracker:
         return path
 
     def finish(self) -> None:
-        """Close metrics.jsonl and the wandb run (safe to call twice)."""
+        """Close metrics.jsonl and the wandb run (safe to call twice). On return the run's
+        files under `run_dir/wandb/` are complete: an offline run can be synced at once."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._run is not None:
+            import wandb
+
             run, self._run = self._run, None
             run.finish()
+            # run.finish() only notifies wandb-core, which writes out and closes the run's
+            # transaction log (run-*.wandb) when it gets to that notice, maybe after finish()
+            # has returned. teardown() waits for wandb-core to do so and exit; the next
+            # wandb.init starts a new one.
+            wandb.teardown()
             if run.offline:
                 print(f"wandb: upload this run with: wandb sync {run.settings.sync_dir}")
 
