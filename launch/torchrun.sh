@@ -12,6 +12,9 @@
 #   RDZV_ID         the job's rendezvous id, the same on every node (xpar)
 #   MASTER_ADDR     without RDZV_ENDPOINT: node 0's address for a static rendezvous
 #   MASTER_PORT     its port (29500)
+#   LOCAL_ADDR      this node's address as the other nodes reach it (torchrun --local-addr);
+#                   set it where the host name resolves to a loopback address, or the workers
+#                   of other nodes wait for node 0's store at "localhost"
 #   RUN_NAME        the run's name, hence runs/RUN_NAME; must be the same on every node
 #   SHUTDOWN_TIMEOUT  seconds workers get to save after SIGTERM before SIGKILL (110)
 #   PYTHON          the interpreter with xpar's dependencies (python)
@@ -79,6 +82,7 @@ is_count SHUTDOWN_TIMEOUT "$shutdown_timeout" 1
 
 args=(--nnodes "$nnodes" --nproc-per-node "$nproc" --max-restarts "$max_restarts")
 args+=(--shutdown-timeout "$shutdown_timeout")
+[[ -z "${LOCAL_ADDR:-}" ]] || args+=(--local-addr "$LOCAL_ADDR")
 if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
   args+=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-xpar}")
   if [[ -n "$node_rank" ]]; then  # else torch asks whether the endpoint names this host
@@ -110,5 +114,7 @@ fi
 # read as the next attempt's addresses.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export PYTHONPATH="$XPAR_HOME${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" -m torch.distributed.run "${args[@]}" \
+# xpar.torchrun is torchrun that ends a job its workers refused (bad input) with their one
+# `xpar: error:` line last and exit code 2, as one process would.
+exec "${PYTHON:-python}" -m xpar.torchrun "${args[@]}" \
   -m xpar.train ${overrides[@]+"${overrides[@]}"}

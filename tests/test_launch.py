@@ -141,6 +141,11 @@ def test_torchrun_sh_defaults_to_the_cpu_count_without_gpus(tmp_path):
     assert args[args.index("--rdzv-conf") + 1] == "is_host=false"
     assert args[args.index("--nproc-per-node") + 1] == "08" and "--standalone" not in args
     assert args[args.index("--shutdown-timeout") + 1] == "110"
+    assert "--local-addr" not in args
+    env["LOCAL_ADDR"] = "10.0.0.7"
+    args = run([str(REPO / "launch/torchrun.sh")], env, tmp_path).stdout.splitlines()
+    assert args[args.index("--local-addr") + 1] == "10.0.0.7"
+    env.pop("LOCAL_ADDR")
     env.pop("NODE_RANK")  # no node rank: torch decides whether the endpoint is this host
     args = run([str(REPO / "launch/torchrun.sh")], env, tmp_path).stdout.splitlines()
     assert "--rdzv-conf" not in args and args[-2:] == ["-m", "xpar.train"]
@@ -171,6 +176,21 @@ def test_torchrun_sh_bad_input_is_one_line(tmp_path, env, args, message):
     proc = run([str(REPO / "launch/torchrun.sh"), *args], launch_env(tmp_path, **env), tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_job_its_workers_refuse_ends_with_their_line_and_exit_code_2(tmp_path):
+    """A config error under torchrun used to end in torchrun's 40-line ChildFailedError,
+    with "To enable traceback see ..." as the root cause, and exit code 1: now the root
+    cause is xpar's line (plain torchrun shows it in its report), and launch/torchrun.sh
+    ends with it, with the exit code of one process, 2."""
+    env = launch_env(tmp_path, NPROC_PER_NODE="2")
+    proc = run([str(REPO / "launch/torchrun.sh"), *QUICK, "data.seq_len=1000"], env, tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    line = r"xpar: error: \[rank [01]\] data.seq_len=1000 exceeds model.max_seq_len=128"
+    assert proc.returncode == 2 and re.fullmatch(line, lines[-1]), proc.stderr[-3000:]
+    root_cause = proc.stderr[proc.stderr.index("Root Cause") :]
+    assert re.search(f"traceback : {line}", root_cause) and "To enable traceback" not in root_cause
     assert not (tmp_path / "runs").exists()
 
 

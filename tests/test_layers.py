@@ -29,7 +29,7 @@ ALLOWED = {
     "config": {"checks", "moe", "model", "data", "tasks", "parallel"},
     "training": {"checks", "moe", "model", "data", "tasks", "parallel", "persist", "config"},
 }
-CLIS = {"train", "compose", "launch", "export", "report", "hf", "bench", "__init__"}
+CLIS = {"train", "compose", "launch", "torchrun", "export", "report", "hf", "bench", "__init__"}
 
 
 def module_name(path: Path) -> str:

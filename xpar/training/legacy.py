@@ -14,6 +14,7 @@ builds nothing but tensors, containers and the three DeepSpeed record types allo
 from __future__ import annotations
 
 import pickle  # for its exception type: the file is read by torch's weights-only loader
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,11 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # the weights-only unpickler refuses anything else
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"a pickle calling {found.group(1)}" if found else "a pickle torch refuses"
         raise UserError(
-            f"{path} holds more than DeepSpeed's state: {str(e).splitlines()[0]}"
+            f"{path} holds more than DeepSpeed's state ({what}); it was not loaded, and nothing "
+            f"in it ran"
         ) from e
 
 
