@@ -108,7 +108,8 @@ class RunDir:
         logging.getLogger().removeHandler(self._held)
         if self.rank != 0:
             return
-        for path in (self.path, self.path.parent):
+        made = [self.path] + ([self.path.parent] if self.path.parent.name == "runs" else [])
+        for path in made:
             try:
                 path.rmdir()  # only an empty dir
             except OSError:
