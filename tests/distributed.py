@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A local TCP port nothing listens on (bound, then released): free for a server, and
+    refusing a client's connection."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from xpar.data.config import HFTextDataConfig
 from xpar.data.hf_text import PACK_BATCH, StreamLoader, build_hf_text
 from xpar.training.inputs import build_data
 
+from distributed import free_port
 from jobs import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,13 +234,6 @@ def test_stream_loader_serves_every_block_once_per_epoch_and_resumes_anywhere():
         _steps(StreamLoader(stream, 12, Sharding(micro_batch=12), window=4, vocab=11), 1)
 
 
-def closed_port() -> int:
-    """A local TCP port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _error(corpus: dict, tmp_path: Path, case: str, monkeypatch) -> UserError:
     vocab, kw = VOCAB, {}
     if case == "no_file":
@@ -268,7 +261,7 @@ def _error(corpus: dict, tmp_path: Path, case: str, monkeypatch) -> UserError:
     elif case == "hub_unreachable":  # not cached, and the hub's port is closed: no retries
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
         kw = {"tokenizer": "no-such-org/no-such-tokenizer"}
     with pytest.raises(UserError) as info:
         build_hf_text(_cfg(corpus, tmp_path, **kw), vocab, Sharding(micro_batch=8))

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_tool
-from distributed import run_group
+from distributed import free_port, run_group
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [
@@ -292,12 +291,6 @@ def fake_slurm(tmp_path: Path, nodes: int) -> dict[str, str]:
         "NPROC_PER_NODE": "1",
         "RDZV_PORT": str(free_port()),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sbatch_script_runs_two_nodes_under_a_faked_slurm(tmp_path):

@@ -4,7 +4,6 @@ runs offline, or online against a closed local port)."""
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import time
 import zlib
@@ -23,6 +22,8 @@ from xpar.training.tracking import (
     wandb_labels,
     wandb_mode,
 )
+
+from distributed import free_port
 
 SENTINEL = "xpar-test-key-5f0c1e7a9b3d4c2e8f6a1b0c9d8e7f6a"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -258,20 +259,13 @@ def test_wandb_auto_mode_without_key_is_offline(wandb_env, tmp_path):
     assert (run_dir / "wandb_run_id").read_text() == first_id
 
 
-def closed_port() -> int:
-    """A local TCP port with nothing listening: connecting to it is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
 def test_wandb_without_a_network_fails_in_bounded_time_with_one_line(wandb_env, tmp_path, capfd):
     import wandb  # noqa: F401  (before the clock: the bound is on wandb.init, not imports)
 
     wandb_env.delenv("WANDB_SILENT")  # what a user sees: wandb must print nothing itself
     wandb_env.setenv("WANDB_API_KEY", SENTINEL)  # so logger.mode=auto means online
-    wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     run_dir = tmp_path / "run"
     cfg = LoggerConfig(kind="wandb", init_timeout_s=2.0)
     start = time.monotonic()
