@@ -330,12 +330,11 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
     """Every key of a typed section must be one of its dataclass's fields."""
     schema = OmegaConf.get_type(cfg)
-    if dataclasses.is_dataclass(schema):
-        fields = [f.name for f in dataclasses.fields(schema)]
-        for key in cfg:
-            if key not in fields and not (key == "hydra" and not prefix):
-                raise UserError(unknown_key(f"{prefix}{key}", fields))
+    typed = dataclasses.is_dataclass(schema)
+    fields = [f.name for f in dataclasses.fields(schema)] if typed else []
     for key in cfg:
+        if fields and key not in fields and not (key == "hydra" and not prefix):
+            raise UserError(unknown_key(f"{prefix}{key}", fields))
         node = cfg._get_node(key)
         if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
             check_known_keys(node, f"{prefix}{key}.")

@@ -81,7 +81,7 @@ class RunDir:
 
     def accept(self, cfg: DictConfig) -> None:
         """Write .hydra/ (the resolved config, the overrides, Hydra's own config) and start
-        train.log with the lines held so far. Rank 0 only."""
+        train.log, in the console's format, with the lines held so far. Rank 0 only."""
         if self.rank != 0:
             return
         hydra_dir = self.path / ".hydra"
@@ -95,11 +95,11 @@ class RunDir:
             tmp = hydra_dir / f".{name}.tmp"
             OmegaConf.save(node, tmp, resolve=resolve)
             os.replace(tmp, hydra_dir / name)
+        root = logging.getLogger()
         file = logging.FileHandler(self.path / LOG_FILE)
-        file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        file.setFormatter(next((h.formatter for h in root.handlers if h.formatter), None))
         self._held.setTarget(file)
         self._held.flush()
-        root = logging.getLogger()
         root.removeHandler(self._held)
         root.addHandler(file)
 

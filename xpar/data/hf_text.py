@@ -19,6 +19,7 @@ from datasets import Dataset, Features, IterableDataset, List, Value, load_datas
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetsError
 from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+from huggingface_hub import constants as hf_constants
 from torch import Tensor
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
@@ -54,18 +55,19 @@ def load_tokenizer(name: str, model_vocab: int) -> PreTrainedTokenizerBase:
 
 
 def _pretrained_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """A tokenizer dir, or a hub name from the local cache, else from the hub. A hub that
+    """A tokenizer dir; or a hub name, from the local cache, else from the hub. A hub that
     cannot be reached fails at once: the hub client would retry for most of a minute."""
     hint = "give a local tokenizer directory, 'byt5', or a hub name while online"
-    try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
-        pass
-    if (host := unreachable_hub()) is not None:
-        raise UserError(
-            f"data.tokenizer={name!r} is not in the local Hugging Face cache and the hub "
-            f"({host}) cannot be reached; {hint}"
-        )
+    if not os.path.isdir(name) and not hf_constants.HF_HUB_OFFLINE:
+        try:
+            return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError):
+            pass
+        if (host := unreachable_hub()) is not None:
+            raise UserError(
+                f"data.tokenizer={name!r} is not in the local Hugging Face cache and the hub "
+                f"({host}) cannot be reached; {hint}"
+            )
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
