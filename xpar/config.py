@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException, Valid
 
 from xpar.checks import UserError, at_least, one_of, short_list
 from xpar.data.config import DataConfig, HFLabelsDataConfig, HFTextDataConfig, SyntheticDataConfig
-from xpar.model import PRESETS, ModelConfig
+from xpar.model import PRESETS, RECOMPUTE_MODES, ModelConfig
 from xpar.moe import MoEConfig
 from xpar.parallel.config import ParallelConfig
 from xpar.tasks.config import FinetuneConfig, TaskConfig
@@ -99,6 +99,10 @@ class TrainerConfig:
     # Start from these weights (a model dir, a checkpoint, or a run's checkpoints): weights
     # only, a new optimizer and schedule from step 0. None: fresh weights.
     init_from: str | None = None
+    # Activation recompute: none | experts (the experts' SwiGLU activations) | full (whole
+    # blocks), in every recompute_layers-th layer (0, n, 2n, ...).
+    recompute: str = "none"
+    recompute_layers: int = 1
 
     def __post_init__(self) -> None:
         at_least("trainer.max_steps", self.max_steps, 1)
@@ -112,6 +116,8 @@ class TrainerConfig:
             at_least("trainer.peak_tflops", self.peak_tflops, 0.0, strict=True)
         one_of("trainer.device", self.device, DEVICES)
         one_of("trainer.precision", self.precision, PRECISIONS)
+        one_of("trainer.recompute", self.recompute, RECOMPUTE_MODES)
+        at_least("trainer.recompute_layers", self.recompute_layers, 1)
         if isinstance(self.resume, str) and self.resume.lower() in ("true", "false"):
             self.resume = self.resume.lower() == "true"
         if not isinstance(self.resume, bool | str) or self.resume == "":
@@ -247,6 +253,11 @@ class TrainConfig:
             raise UserError(
                 "trainer.precision=fp16 needs loss scaling: use it with deepspeed=zero1|zero2, "
                 "or pick trainer.precision=bf16|fp32"
+            )
+        if self.trainer.recompute == "experts" and model.moe is None:
+            raise UserError(
+                "trainer.recompute=experts recomputes MoE experts, but moe=dense has none; "
+                "use trainer.recompute=full|none"
             )
         vocab = getattr(self.data, "vocab_size", None)
         if vocab is not None and vocab > model.vocab_size:

@@ -10,15 +10,20 @@ C head dim, V vocab.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from xpar.model.config import ModelConfig
 from xpar.model.mla import MLAttention
 from xpar.moe import MoEAux, MoELayer, SwiGLU
+from xpar.moe.layer import RoutingTape
+
+RECOMPUTE_MODES = ("none", "experts", "full")
 
 
 @dataclass
@@ -115,7 +120,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then + ffn(norm(x)); the FFN is an MoELayer or a dense SwiGLU."""
+    """x + attn(norm(x)), then + ffn(norm(x)); the FFN is an MoELayer or a dense SwiGLU.
+
+    `recompute`: while training, the block keeps only its input for backward and runs again
+    there (torch's non-reentrant checkpoint, which restores the RNG, so jitter noise repeats).
+    Its MoE layer replays the routing of the forward pass (RoutingTape); under expert
+    parallelism the recompute sends the rows again, which `a2a_bytes` counts.
+    """
 
     def __init__(self, cfg: ModelConfig, moe: bool) -> None:
         super().__init__()
@@ -124,14 +135,34 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn: MoELayer | SwiGLU
         self.ffn = MoELayer(cfg.moe) if moe else SwiGLU(cfg.d_model, cfg.d_ff)
+        self.recompute = False
 
     def forward(
         self, x_BSD: Tensor, cos_SC: Tensor, sin_SC: Tensor
     ) -> tuple[Tensor, MoEAux | None]:
+        if not (self.recompute and self.training and torch.is_grad_enabled()):
+            return self._forward(x_BSD, cos_SC, sin_SC)
+        tape = RoutingTape() if isinstance(self.ffn, MoELayer) else None
+        out_BSD, aux = checkpoint(
+            self._forward,
+            x_BSD,
+            cos_SC,
+            sin_SC,
+            tape,
+            use_reentrant=False,
+            context_fn=lambda: (nullcontext(), tape.replay() if tape else nullcontext()),
+        )
+        if aux is not None and aux.a2a is not None:  # the recompute's dispatch and combine
+            aux.a2a = replace(aux.a2a, bytes=2 * aux.a2a.bytes)
+        return out_BSD, aux
+
+    def _forward(
+        self, x_BSD: Tensor, cos_SC: Tensor, sin_SC: Tensor, tape: RoutingTape | None = None
+    ) -> tuple[Tensor, MoEAux | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SC, sin_SC)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
-            y_BSD, aux = self.ffn(h_BSD)
+            y_BSD, aux = self.ffn(h_BSD, tape)
             return x_BSD + y_BSD, aux
         return x_BSD + self.ffn(h_BSD), None
 
@@ -213,6 +244,18 @@ class MoETransformerLM(nn.Module):
             if aux is not None:
                 auxes.append(aux)
         return self.norm(x_BSD), auxes
+
+    def set_recompute(self, mode: str, every: int = 1) -> None:
+        """Activation recompute (`trainer.recompute`) in layers 0, every, 2 * every, ...:
+        `full` recomputes those blocks in backward, `experts` their MoE layers' expert
+        activations (see Block and MoELayer), `none` nothing."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute mode {mode!r} is not one of {RECOMPUTE_MODES}")
+        for i, block in enumerate(self.layers):
+            on = mode != "none" and i % every == 0
+            block.recompute = on and mode == "full"
+            if isinstance(block.ffn, MoELayer):
+                block.ffn.recompute_experts = on and mode == "experts"
 
     def moe_layers(self) -> list[MoELayer]:
         """The MoE FFNs in layer order (their layer indices are `cfg.moe_layer_ids()`)."""

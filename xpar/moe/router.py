@@ -15,6 +15,10 @@ from xpar.moe.config import MoEConfig
 from xpar.moe.dispatcher import count_per_expert
 
 
+# A routing decision: the experts each token chose, and which slots the router kept.
+Choices = tuple[Tensor, Tensor | None]
+
+
 @dataclass
 class RouterOutput:
     """What a router decided for T tokens, and its losses and statistics."""
@@ -26,6 +30,10 @@ class RouterOutput:
     z_loss: Tensor  # mean over tokens of logsumexp(logits)^2, differentiable
     entropy: Tensor  # mean entropy of the tokens' routing distributions, detached
     tokens_per_expert_E: Tensor  # slots each expert was chosen for (before any drop)
+
+    @property
+    def choices(self) -> Choices:
+        return self.topk_idx_TK, self.keep_TK
 
 
 def stable_topk(scores_TX: Tensor, k: int) -> Tensor:
@@ -93,15 +101,17 @@ class BaseRouter(nn.Module):
         probs_TE: Tensor,
         logits: list[Tensor],
         keep_TK: Tensor | None = None,
+        replayed: bool = False,
     ) -> RouterOutput:
-        """Renormalise and scale the weights, and gather what the losses need."""
+        """Renormalise and scale the weights, and gather what the losses need. A `replayed`
+        decision (a recompute's) was tallied when it was first made, so it is not again."""
         cfg = self.cfg
         if cfg.norm_topk_prob:
             denom = topk_w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(topk_w_TK.dtype).tiny)
             topk_w_TK = topk_w_TK / denom
         topk_w_TK = topk_w_TK * cfg.route_scale
         counts_E = count_per_expert(topk_idx_TK.flatten(), cfg.num_experts)
-        if self.training and cfg.bias_update_rate > 0:
+        if self.training and cfg.bias_update_rate > 0 and not replayed:
             self.pending_load += counts_E.to(self.pending_load.dtype)
         return RouterOutput(
             topk_idx_TK=topk_idx_TK,
@@ -132,12 +142,21 @@ class BaseRouter(nn.Module):
 
 
 class TopKRouter(BaseRouter):
-    """Token choice: each token picks its top_k experts by score (softmax or sigmoid)."""
+    """Token choice: each token picks its top_k experts by score (softmax or sigmoid).
 
-    def forward(self, x_TD: Tensor) -> RouterOutput:
+    `forward(x_TD, choices)`: given `choices` (the (topk_idx_TK, keep_TK) an earlier pass over
+    the same tokens made, as a recompute replays it), the router takes them instead of choosing
+    again, and computes only the differentiable weights and losses."""
+
+    def forward(self, x_TD: Tensor, choices: Choices | None = None) -> RouterOutput:
         logits_TE = self.logits(self.gate_input(x_TD), self.gate)
         scores_TE = apply_scores(logits_TE, self.cfg.score_func)
-        topk_idx_TK = stable_topk(scores_TE + self.expert_bias, self.cfg.top_k)
+        if choices is None:  # no graph for the selection: a replay saves what this saves
+            topk_idx_TK = stable_topk(scores_TE.detach() + self.expert_bias, self.cfg.top_k)
+        else:
+            topk_idx_TK = choices[0]
         topk_w_TK = scores_TE.gather(1, topk_idx_TK)
         probs_TE = as_distribution(scores_TE, self.cfg.score_func)
-        return self.finish(topk_idx_TK, topk_w_TK, probs_TE, [logits_TE])
+        return self.finish(
+            topk_idx_TK, topk_w_TK, probs_TE, [logits_TE], replayed=choices is not None
+        )

@@ -133,6 +133,7 @@ class Trainer:
             self.model = build_model(self.model_cfg, cfg.task, len(self.data.labels or ()))
         ft = cfg.finetune
         self.pm = parallelize(self.model, self.mesh, cfg.parallel, train=ft.train)
+        self.model.set_recompute(tc.recompute, tc.recompute_layers)
         self._init_from(tc.init_from, resume_from)
         self.backend = build_backend(self.pm, cfg, micro, self.accum_steps)
         self.optimizer = self.backend.optimizer
