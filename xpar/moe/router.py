@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from xpar.moe.config import MoEConfig
 from xpar.moe.dispatcher import count_per_expert
 
-
 # A routing decision: the experts each token chose, and which slots the router kept.
 Choices = tuple[Tensor, Tensor | None]
 
