@@ -29,7 +29,9 @@ ALLOWED = {
     "config": {"checks", "moe", "model", "data", "tasks", "parallel"},
     "training": {"checks", "moe", "model", "data", "tasks", "parallel", "persist", "config"},
 }
-CLIS = {"train", "compose", "launch", "torchrun", "export", "report", "hf", "bench", "__init__"}
+CLIS = {
+    "train", "compose", "launch", "torchrun", "export", "report", "hf", "bench", "plan", "__init__",
+}  # fmt: skip
 
 
 def module_name(path: Path) -> str:

@@ -26,7 +26,7 @@ class ParamCount:
         return self.active - self.embedding
 
 
-def _attention_params(cfg: ModelConfig) -> int:
+def attention_params(cfg: ModelConfig) -> int:
     if cfg.mla is not None:
         return cfg.mla.num_params(cfg.d_model, cfg.n_heads)
     d_q, d_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -40,7 +40,7 @@ def _attention_params(cfg: ModelConfig) -> int:
     return n
 
 
-def _moe_params(cfg: ModelConfig) -> tuple[int, int]:
+def moe_params(cfg: ModelConfig) -> tuple[int, int]:
     """(total, active per token) parameters of one MoE FFN."""
     moe, d = cfg.moe, cfg.d_model
     assert moe is not None
@@ -56,9 +56,9 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     """Parameter counts equal to `sum(p.numel())` of `MoETransformerLM(cfg)`."""
     d = cfg.d_model
     embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    per_layer = _attention_params(cfg) + 2 * d  # + attn_norm, ffn_norm
+    per_layer = attention_params(cfg) + 2 * d  # + attn_norm, ffn_norm
     total = active = embedding + d + cfg.n_layers * per_layer  # + final norm
-    moe_total, moe_active = _moe_params(cfg) if cfg.moe is not None else (0, 0)
+    moe_total, moe_active = moe_params(cfg) if cfg.moe is not None else (0, 0)
     dense_ffn = 3 * d * cfg.d_ff
     for i in range(cfg.n_layers):
         moe = cfg.is_moe_layer(i)

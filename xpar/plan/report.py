@@ -1,0 +1,132 @@
+"""A plan as text (tables a person reads) or as one JSON object (what a script reads)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from xpar.config import TrainConfig
+from xpar.plan.planner import GIB, RESERVE_GIB, Cluster, Plan
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:9.2f}"
+
+
+def header(cfg: TrainConfig, cluster: Cluster, model_name: str, notes: list[str]) -> list[str]:
+    nodes = -(-cluster.gpus // cluster.gpus_per_node)
+    d = cfg.data
+    lines = [
+        f"plan: {model_name} on {cluster.gpus} x {cluster.gpu.name} ({nodes} node"
+        f"{'s' if nodes > 1 else ''} of {cluster.gpus_per_node}), "
+        f"{'fp32' if cfg.trainer.precision == 'fp32' else 'bf16'}; data.seq_len={d.seq_len}, "
+        f"data.batch_size={d.batch_size} ({d.batch_size * d.seq_len} tokens a step)",
+    ]
+    return lines + [f"note: {n}" for n in notes]
+
+
+def memory_table(p: Plan) -> list[str]:
+    s = p.state
+    rows = [
+        ("weights", s.weights),
+        ("gradients", s.grads),
+        ("optimizer state (AdamW)", s.optimizer),
+        ("fp32 masters", s.masters),
+    ]
+    lines = [
+        f"memory per GPU (GiB)          {'dense':>9} {'expert':>9} {'total':>9}",
+        *(f"  {name:<27} {_gib(x.dense)} {_gib(x.expert)} {_gib(x.total)}" for name, x in rows),
+        f"  {'activations':<27} {'':>9} {'':>9} {_gib(p.activations.total)}"
+        f"  (recompute={p.recompute}, micro-batch {p.micro_batch})",
+        f"  {'all-to-all buffers':<27} {'':>9} {'':>9} {_gib(p.buffers['all_to_all'])}",
+        f"  {'gradient buffers':<27} {'':>9} {'':>9} {_gib(p.buffers['gradients'])}",
+    ]
+    verdict = "fits" if p.fits else (
+        f"does NOT fit: {(p.peak_bytes + RESERVE_GIB * GIB - p.memory_bytes) / GIB:.1f} GiB over"
+    )  # fmt: skip
+    lines.append(
+        f"  {'peak allocated':<27} {'':>9} {'':>9} {_gib(p.peak_bytes)}  of "
+        f"{p.memory_bytes / GIB:.1f} GiB with {RESERVE_GIB:g} GiB reserved: {verdict}"
+    )
+    return lines
+
+
+def time_table(p: Plan, cluster: Cluster) -> list[str]:
+    t, e, peak = p.time, cluster.efficiency, cluster.gpu.peak_tflops
+    parts = [
+        ("expert GEMMs", t.expert_gemm, f"{t.tflop['expert']:.1f} TFLOP at {e.expert_gemm:.0%}"),
+        ("dense GEMMs", t.dense_gemm, f"{t.tflop['dense']:.1f} TFLOP at {e.dense_gemm:.0%}"),
+        ("attention", t.attention, f"{t.tflop['attention']:.1f} TFLOP at {e.attention:.0%}"),
+        (
+            "all-to-all",
+            t.all_to_all,
+            f"{t.a2a_gb['intra_node']:.2f} GB NVLink, {t.a2a_gb['inter_node']:.2f} GB network",
+        ),
+        ("gradient reduction", t.grad_reduce, ""),
+        ("optimizer step", t.optimizer, ""),
+    ]
+    return [
+        f"time per optimizer step (predicted: uniform routing, no overlap; peak {peak:g} "
+        f"TFLOP/s, NVLink {cluster.gpu.nvlink_gbps:g} GB/s, network "
+        f"{cluster.gpu.network_gbps:g} GB/s at {e.network:.0%})",
+        *(f"  {name:<20} {sec * 1e3:10.1f} ms  {how}" for name, sec, how in parts),
+        f"  {'total':<20} {t.total * 1e3:10.1f} ms  {t.tokens_per_s:,.0f} tokens/s per GPU, "
+        f"MFU {t.mfu:.1%}",
+    ]
+
+
+def search_table(plans: list[Plan], top: int) -> list[str]:
+    fitting = [p for p in plans if p.fits]
+    shown = fitting[:top] if fitting else plans[:top]
+    lines = [
+        f"{len(fitting)} of {len(plans)} layouts fit"
+        + ("; fastest first:" if fitting else "; none fits, the smallest:"),
+        f"  {'ep':>4} {'recompute':<9} {'zero':<5} {'micro':>5} {'GiB':>8} {'step s':>8} "
+        f"{'MFU':>6}  settings",
+    ]
+    for p in shown:
+        zero = "none" if p.stage == 0 else f"zero{p.stage}"
+        lines.append(
+            f"  {p.ep_size:>4} {p.recompute:<9} {zero:<5} {p.micro_batch:>5} "
+            f"{p.peak_bytes / GIB:8.1f} {p.time.total:8.3f} {p.time.mfu:6.1%}  {p.overrides}"
+        )
+    return lines
+
+
+def as_json(plan: Plan) -> dict[str, Any]:
+    state = {k: dataclasses.asdict(getattr(plan.state, k)) for k in
+             ("weights", "grads", "optimizer", "masters")}  # fmt: skip
+    t = plan.time
+    return {
+        "layout": {
+            "ep_size": plan.ep_size,
+            "recompute": plan.recompute,
+            "zero_stage": plan.stage,
+            "micro_batch": plan.micro_batch,
+            "accumulation": plan.accumulation,
+            "overrides": plan.overrides,
+        },
+        "memory_bytes": {
+            **state,
+            "activations": plan.activations.total,
+            "activations_per_layer": plan.activations.per_layer,
+            "buffers": plan.buffers,
+            "peak": plan.peak_bytes,
+            "gpu": plan.memory_bytes,
+            "reserve": RESERVE_GIB * GIB,
+        },
+        "fits": plan.fits,
+        "time_s": {
+            "expert_gemm": t.expert_gemm,
+            "dense_gemm": t.dense_gemm,
+            "attention": t.attention,
+            "all_to_all": t.all_to_all,
+            "grad_reduce": t.grad_reduce,
+            "optimizer": t.optimizer,
+            "total": t.total,
+        },
+        "tflop": t.tflop,
+        "a2a_gb": t.a2a_gb,
+        "tokens_per_s_per_gpu": t.tokens_per_s,
+        "mfu": t.mfu,
+    }

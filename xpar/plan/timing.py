@@ -1,0 +1,176 @@
+"""Time per optimizer step, per GPU, from FLOP counts, bytes moved and stated efficiencies.
+
+Every GPU does the same work (uniform routing balances the experts), so one GPU's time is the
+step's. The parts are summed: xpar does not overlap its all-to-all or gradient reduction with
+compute, so nothing hides behind anything else. Compute is FLOPs over peak times an achieved
+fraction (`Efficiency`, stated and overridable); attention's S x S matmuls are counted causal
+(half the square); communication is bytes over the link bandwidth times `network`.
+
+Legend: T tokens a GPU a step, S sequence length, D model dim, F expert hidden dim, K top-k,
+V vocab, W GPUs, P ep_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from xpar.model import ModelConfig, flops_per_token
+from xpar.model.flops import attention_params
+from xpar.plan.gpus import GPU
+from xpar.plan.state import ParamInventory
+from xpar.plan.traffic import RowsPerToken
+
+ROW_META_BYTES = 12  # a dispatched row's K entries: int64 local expert id, fp32 weight
+ADAMW_BYTES_PER_ELEMENT = 32  # read param, grad, two moments; write param, two moments
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of peak the planner assumes (not measured here: adjust them to a cluster's)."""
+
+    dense_gemm: float = 0.70
+    expert_gemm: float = 0.55  # grouped GEMMs over many small experts
+    attention: float = 0.50
+    network: float = 0.80  # of NVLink / NIC bandwidth, all-to-all and gradient collectives
+    hbm: float = 0.80  # the optimizer step is memory-bound
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the timing depends on, beyond the model."""
+
+    seq_len: int
+    tokens: int  # per GPU per optimizer step
+    world: int
+    gpus_per_node: int
+    ep_size: int
+    recompute: str
+    recompute_layers: int
+    stage: int  # ZeRO stage; 0 is xpar's own loop (fp32 gradients all-reduced)
+    train_bytes: int  # bytes of a gradient under ZeRO
+    act_bytes: int  # bytes of an activation value crossing the all-to-all (bf16: 2)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step, by part; tflop: the FLOPs each compute part runs."""
+
+    expert_gemm: float
+    dense_gemm: float
+    attention: float
+    all_to_all: float
+    grad_reduce: float
+    optimizer: float
+    tflop: dict[str, float]
+    a2a_gb: dict[str, float]  # per GPU a step: intra-node and inter-node
+    mfu: float = 0.0
+    tokens_per_s: float = 0.0  # per GPU
+
+    @property
+    def total(self) -> float:
+        return (
+            self.expert_gemm
+            + self.dense_gemm
+            + self.attention
+            + self.all_to_all
+            + self.grad_reduce
+            + self.optimizer
+        )
+
+
+def _recomputed(i: int, job: Job) -> bool:
+    return job.recompute != "none" and i % job.recompute_layers == 0
+
+
+def _forward_flops(cfg: ModelConfig, job: Job) -> dict[str, float]:
+    """Forward FLOPs per GPU per step of each part, plus what recompute runs again."""
+    T, S, D = job.tokens, job.seq_len, cfg.d_model
+    d_attn = cfg.n_heads * cfg.head_dim
+    if cfg.mla is not None:
+        d_attn = cfg.n_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim) / 2
+    out = {"expert": 0.0, "dense": 2.0 * T * D * cfg.vocab_size, "attention": 0.0}
+    again = dict.fromkeys(out, 0.0)
+    for i in range(cfg.n_layers):
+        layer = {"attention": 2.0 * T * d_attn * S, "expert": 0.0}  # causal: S / 2 keys a query
+        layer["dense"] = 2.0 * T * attention_params(cfg)
+        if cfg.is_moe_layer(i):
+            moe = cfg.moe
+            router = moe.num_experts + (moe.num_groups if moe.group_score == "learned" else 0)
+            layer["dense"] += 2.0 * T * D * router
+            layer["expert"] = 2.0 * T * 3 * D * (moe.top_k * moe.d_ff + moe.shared_hidden)
+        else:
+            layer["dense"] += 2.0 * T * 3 * D * cfg.d_ff
+        for part, flops in layer.items():
+            out[part] += flops
+            if _recomputed(i, job) and (job.recompute == "full" or part == "expert"):
+                again[part] += flops
+    return {part: 3.0 * out[part] + again[part] for part in out}
+
+
+def _all_to_all(cfg: ModelConfig, job: Job, rows: RowsPerToken, gpu: GPU, eff: Efficiency):
+    """(seconds, GB intra-node, GB inter-node) of the step's all-to-alls on one GPU: each MoE
+    layer's dispatch and combine, forward and backward (4 crossings), and the forward two
+    again in a fully recomputed layer."""
+    if job.ep_size == 1:
+        return 0.0, 0.0, 0.0
+    row_bytes = cfg.d_model * job.act_bytes
+    seconds = intra_gb = inter_gb = 0.0
+    for i in cfg.moe_layer_ids():
+        crossings = 6 if _recomputed(i, job) and job.recompute == "full" else 4
+        per_row = crossings * row_bytes + crossings // 2 * cfg.moe.top_k * ROW_META_BYTES
+        intra = job.tokens * (rows.off_rank - rows.off_node) * per_row
+        inter = job.tokens * rows.off_node * per_row
+        # NCCL drives NVLink and the NIC at once: the slower of the two sets the pace.
+        seconds += max(
+            intra / (gpu.nvlink_gbps * 1e9 * eff.network),
+            inter / (gpu.network_gbps * 1e9 * eff.network),
+        )
+        intra_gb, inter_gb = intra_gb + intra / 1e9, inter_gb + inter / 1e9
+    return seconds, intra_gb, inter_gb
+
+
+def _grad_reduce(inv: ParamInventory, job: Job, gpu: GPU, eff: Efficiency) -> float:
+    """Ring all-reduce (or ZeRO's reduce-scatter plus all-gather: the same bytes) of the dense
+    gradients over all W GPUs and of the expert ones over their W / P expert-data-parallel
+    GPUs, through NVLink inside one node and the NIC beyond."""
+    grad_bytes = 4 if job.stage == 0 else job.train_bytes
+    spans_nodes = job.world > job.gpus_per_node
+    link = (gpu.network_gbps if spans_nodes else gpu.nvlink_gbps) * 1e9 * eff.network
+    seconds = 0.0
+    for numel, ranks in (
+        (sum(inv.dense_groups), job.world),
+        (inv.expert_trained // job.ep_size, job.world // job.ep_size),
+    ):
+        if ranks > 1:
+            seconds += 2 * (ranks - 1) / ranks * numel * grad_bytes / link
+    return seconds
+
+
+def step_time(
+    cfg: ModelConfig,
+    job: Job,
+    inv: ParamInventory,
+    rows: RowsPerToken,
+    optimizer_elements: int,
+    gpu: GPU,
+    eff: Efficiency,
+) -> StepTime:
+    """One GPU's optimizer step (see the module docstring); `optimizer_elements`: the AdamW
+    elements this GPU updates (its ZeRO partition, or every trained parameter it holds)."""
+    flops = _forward_flops(cfg, job)
+    peak = gpu.peak_tflops * 1e12
+    a2a, intra_gb, inter_gb = _all_to_all(cfg, job, rows, gpu, eff)
+    time = StepTime(
+        expert_gemm=flops["expert"] / (peak * eff.expert_gemm),
+        dense_gemm=flops["dense"] / (peak * eff.dense_gemm),
+        attention=flops["attention"] / (peak * eff.attention),
+        all_to_all=a2a,
+        grad_reduce=_grad_reduce(inv, job, gpu, eff),
+        optimizer=optimizer_elements * ADAMW_BYTES_PER_ELEMENT / (gpu.hbm_tbps * 1e12 * eff.hbm),
+        tflop={k: v / 1e12 for k, v in flops.items()},
+        a2a_gb={"intra_node": intra_gb, "inter_node": inter_gb},
+    )
+    model_flops = flops_per_token(cfg, job.seq_len) * job.tokens  # the trainer's MFU counts
+    return replace(
+        time, mfu=model_flops / (time.total * peak), tokens_per_s=job.tokens / time.total
+    )
