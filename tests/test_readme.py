@@ -41,6 +41,7 @@ TRAINS = re.compile(r"-m xpar\.train\b|launch/(torchrun|debug)\.sh\b")
 BENCH_FLAGS = {
     "python -m xpar.bench.moe_layer": "--iters 1 --warmup 0 --a2a-steps 2",
     "python -m xpar.bench.zero": "--steps 2 --warmup 1",
+    "python -m xpar.bench.memory": "--steps 1 --warmup 0",
 }
 
 GPU_FIRST_RUN = "the first run on one GPU (tests/test_launch.py runs launch/debug.sh --cpu)"
