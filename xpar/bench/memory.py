@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import gc
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from xpar.bench.zero import job
+from xpar.bench.zero import job, timed_steps
 from xpar.plan.gpus import GPU
 from xpar.plan.planner import Cluster, plan_job
 
@@ -41,17 +40,7 @@ def measure(overrides: list[str], steps: int, warmup: int, cuda: bool) -> dict:
     planned = plan_job(cfg, Cluster(1, 1, GPU("this", memory, 1.0, 1.0, 1.0, 1.0)))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), {})
-        for _ in range(warmup):
-            trainer.train_step(trainer.data.train.next_step())
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step(trainer.data.train.next_step())
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds, _ = timed_steps(trainer, steps, warmup, cuda)
         if cuda:
             measured, plan = torch.cuda.max_memory_allocated(), planned.peak_bytes
         else:

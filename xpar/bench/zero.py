@@ -33,6 +33,22 @@ def job(overrides: list[str]):
         return to_train_config(compose("config", overrides=overrides))
 
 
+def timed_steps(trainer, steps: int, warmup: int, cuda: bool):
+    """(seconds, last StepResult) of `steps` training steps after `warmup` untimed ones; on a
+    GPU the peak-memory statistics start with the timed steps."""
+    for _ in range(warmup):
+        trainer.train_step(trainer.data.train.next_step())
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        result = trainer.train_step(trainer.data.train.next_step())
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
 def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     from xpar.training.trainer import Trainer
 
@@ -40,17 +56,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     cuda = torch.cuda.is_available() and cfg.trainer.device != "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), {})
-        for _ in range(warmup):
-            trainer.train_step(trainer.data.train.next_step())
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(steps):
-            result = trainer.train_step(trainer.data.train.next_step())
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds, result = timed_steps(trainer, steps, warmup, cuda)
         tokens_per_s = steps * cfg.data.batch_size * cfg.data.seq_len / seconds
         model_cfg = cfg.model_config()
         row = {
