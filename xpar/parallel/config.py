@@ -22,6 +22,10 @@ class ParallelConfig:
     dedup: bool | None = None
     timeout_s: int = 600  # a collective that waits longer fails instead of hanging
 
+    def dedup_for(self, router: str) -> bool:
+        """Whether a layer of this router sends each token once per rank (`dedup`, resolved)."""
+        return router == "two_level" if self.dedup is None else self.dedup
+
     def __post_init__(self) -> None:
         at_least("parallel.ep_size", self.ep_size, 1)
         at_least("parallel.timeout_s", self.timeout_s, 1)

@@ -85,7 +85,7 @@ def parallelize(
     backend sees the parameters."""
     layout = mesh.layout
     for layer in model.moe_layers():
-        dedup = layer.cfg.router == "two_level" if cfg.dedup is None else cfg.dedup
+        dedup = cfg.dedup_for(layer.cfg.router)
         if layout.world > 1:  # (ep_size divides the world: a world of one has no EP)
             shard_experts(layer, layout)
             layer.dispatcher = AllToAllDispatcher(

@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 
 from xpar.checks import UserError
 from xpar.config import TrainConfig
+from xpar.model import RECOMPUTE_MODES
 from xpar.parallel.mesh import check_layout
 from xpar.plan.activations import ActivationBytes, activation_bytes
 from xpar.plan.gpus import GPU
 from xpar.plan.state import FP32, ParamInventory, StateBytes, inventory, state_bytes
 from xpar.plan.timing import Efficiency, Job, StepTime, step_time
-from xpar.plan.traffic import RowsPerToken, dedup_default, rows_per_token
+from xpar.plan.traffic import RowsPerToken, rows_per_token
 
 GIB = 2**30
 RESERVE_GIB = 3.0
-RECOMPUTES = ("none", "experts", "full")
 STAGES = (0, 1, 2)
 
 
@@ -90,7 +90,7 @@ def plan_job(cfg: TrainConfig, cluster: Cluster, inv: ParamInventory | None = No
     stage, nbytes = cfg.deepspeed.stage, train_bytes(cfg)
     precision = "fp32" if tc.precision == "fp32" else "bf16"
     act_bytes = 4 if precision == "fp32" else 2
-    dedup = model.moe is not None and dedup_default(model.moe, cfg.parallel.dedup)
+    dedup = model.moe is not None and cfg.parallel.dedup_for(model.moe.router)
     state = state_bytes(inv, stage, nbytes, W, P)
     acts = activation_bytes(
         model, micro, cfg.data.seq_len, tc.recompute, tc.recompute_layers, precision, P, dedup,
@@ -156,7 +156,7 @@ def search(cfg: TrainConfig, cluster: Cluster) -> list[Plan]:
         cfg.data.accumulation(dp_world=W)  # the trainer's own error
     eps = [p for p in range(1, W + 1) if W % p == 0 and (moe is None or moe.num_experts % p == 0)]
     micros = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
-    recomputes = RECOMPUTES if moe is not None else ("none", "full")
+    recomputes = RECOMPUTE_MODES if moe is not None else ("none", "full")
     inv = inventory(cfg)
     plans = []
     for ep in eps if moe is not None else [1]:

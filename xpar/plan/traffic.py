@@ -62,8 +62,3 @@ def rows_per_token(
         return RowsPerToken(0.0, 0.0, 0.0)
     rows = ranks_touched(moe, P) if dedup else float(moe.top_k)
     return RowsPerToken(rows, rows * (P - 1) / P, rows * max(P - gpus_per_node, 0) / P)
-
-
-def dedup_default(moe: MoEConfig, dedup: bool | None) -> bool:
-    """parallel.dedup as xpar.parallel.parallelize resolves it: None means on for two-level."""
-    return moe.router == "two_level" if dedup is None else dedup
