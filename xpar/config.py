@@ -125,6 +125,12 @@ class TrainerConfig:
         if self.init_from == "":
             raise UserError("trainer.init_from='' must be a path (or null for fresh weights)")
 
+    def precision_on(self, device_type: str) -> str:
+        """`precision` with auto resolved: bf16 on CUDA, fp32 elsewhere."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if device_type == "cuda" else "fp32"
+
 
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -152,7 +158,8 @@ class DeepSpeedConfig:
         if self.stage == 3:
             raise UserError(
                 "deepspeed=zero3 is not supported: DeepSpeed's ZeRO-3 refuses expert-parallel "
-                "MoE layers; use deepspeed=zero2 (gradients and optimizer state partitioned)"
+                "MoE layers; use parallel.shard=fsdp (parameters sharded too, FSDP2) or "
+                "deepspeed=zero2 (gradients and optimizer state partitioned)"
             )
         for name in ("reduce_bucket_size", "allgather_bucket_size", "loss_scale_window"):
             at_least(f"deepspeed.{name}", getattr(self, name), 1)
@@ -248,6 +255,16 @@ class TrainConfig:
         if self.data.seq_len > model.max_seq_len:
             raise UserError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
+            )
+        if self.parallel.shard == "fsdp" and self.deepspeed.enabled:
+            raise UserError(
+                f"parallel.shard=fsdp and deepspeed=zero{self.deepspeed.stage} are two training "
+                f"backends; pick one (parallel.shard=none, or deepspeed=none)"
+            )
+        if self.parallel.shard == "fsdp" and self.trainer.precision == "fp16":
+            raise UserError(
+                "trainer.precision=fp16 is not for parallel.shard=fsdp (its loss scaling "
+                "needs deepspeed=zero1|zero2); use trainer.precision=bf16|fp32|auto"
             )
         if self.trainer.precision == "fp16" and not self.deepspeed.enabled:
             raise UserError(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xpar.checks import at_least
+from xpar.checks import UserError, at_least, one_of
+
+SHARD_MODES = ("none", "fsdp")
 
 
 @dataclass
@@ -21,6 +23,14 @@ class ParallelConfig:
     # two-level routing, whose groups live on ranks.
     dedup: bool | None = None
     timeout_s: int = 600  # a collective that waits longer fails instead of hanging
+    # Parameter sharding (xpar.training.fsdp): none, or fsdp (PyTorch FSDP2: dense parameters,
+    # gradients and optimizer state sharded over `shard_size` ranks, expert banks over their
+    # expert-data-parallel group).
+    shard: str = "none"
+    # Ranks a dense parameter is sharded over (consecutive: a node's GPUs), replicated across
+    # the world / shard_size such groups (HSDP). None: the whole world.
+    shard_size: int | None = None
+    offload: bool = False  # fsdp: parameters, gradients and AdamW state kept in CPU memory
 
     def dedup_for(self, router: str) -> bool:
         """Whether a layer of this router sends each token once per rank (`dedup`, resolved)."""
@@ -29,3 +39,12 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         at_least("parallel.ep_size", self.ep_size, 1)
         at_least("parallel.timeout_s", self.timeout_s, 1)
+        one_of("parallel.shard", self.shard, SHARD_MODES)
+        if self.shard_size is not None:
+            at_least("parallel.shard_size", self.shard_size, 1)
+        for name, unset in (("shard_size", None), ("offload", False)):
+            if self.shard == "none" and getattr(self, name) != unset:
+                raise UserError(
+                    f"parallel.{name}={getattr(self, name)} shards nothing without "
+                    f"parallel.shard=fsdp; add parallel.shard=fsdp or drop parallel.{name}"
+                )

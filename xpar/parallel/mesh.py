@@ -50,7 +50,13 @@ def world_from_env() -> tuple[int, int, int]:
 def check_layout(parallel: ParallelConfig, moe: MoEConfig | None, world: int) -> None:
     """Raise UserError unless the layout fits the world and the MoE layer. It looks only at the
     config and the world size, so every rank reaches the same verdict before any collective."""
-    P = parallel.ep_size
+    P, S = parallel.ep_size, parallel.shard_size
+    if S is not None and world % S:
+        raise UserError(
+            f"parallel.shard_size={S} does not divide the world size {world}: dense parameters "
+            f"are sharded over groups of shard_size ranks and replicated across the groups; "
+            f"use a divisor of {world}, or null to shard over all ranks"
+        )
     if world % P:
         launch = " (launch with torchrun --nproc_per_node N)" if world == 1 else ""
         raise UserError(

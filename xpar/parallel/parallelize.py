@@ -54,8 +54,13 @@ class ParallelModel:
 
     def __init__(self, module: MoETransformerLM, mesh: Mesh) -> None:
         self.module, self.mesh = module, mesh
-        expert_names = set(expert_parameter_names(module))
-        named = list(module.named_parameters())
+        self.rebind_params()
+
+    def rebind_params(self) -> None:
+        """(Re)list the expert and dense parameters: a backend that replaces the module's
+        parameters (FSDP2 makes them DTensors) calls it afterwards."""
+        expert_names = set(expert_parameter_names(self.module))
+        named = list(self.module.named_parameters())
         self.expert_params = [p for n, p in named if n in expert_names]
         self.dense_params = [p for n, p in named if n not in expert_names]
 

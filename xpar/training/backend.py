@@ -1,7 +1,7 @@
 """The seam between the training loop and how a step is made: xpar's own data parallelism
-(xpar.training.plain) or DeepSpeed ZeRO-1/2 (xpar.training.zero). The loop uses only what
-`Backend` lists, so a backend is one module and adding one touches nothing else but
-`build_backend`.
+(xpar.training.plain), DeepSpeed ZeRO-1/2 (xpar.training.zero) or PyTorch FSDP2
+(xpar.training.fsdp). The loop uses only what `Backend` lists, so a backend is one module and
+adding one touches nothing else but `build_backend`.
 
 A step, as the loop drives it:
 
@@ -87,6 +87,10 @@ class Backend(Protocol):
 
 def build_backend(pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int) -> Backend:
     """The backend `cfg` asks for, around the already parallelized model."""
+    if cfg.parallel.shard == "fsdp":
+        from xpar.training.fsdp import FsdpBackend
+
+        return FsdpBackend(pm, cfg)
     if cfg.deepspeed.enabled:
         from xpar.training.zero import ZeroBackend  # DeepSpeed loads only when asked for
 

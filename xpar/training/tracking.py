@@ -98,18 +98,20 @@ def wandb_labels(
 ) -> tuple[str, str | None, list[str]]:
     """The wandb run's name, group and tags. Name: logger.name, else run_name (a -m sweep job
     adds its overrides). Group: logger.group, else the experiment, else the sweep. Tags: the
-    config's logger.tags plus router=, ep=, zero=, experiment= and world=, so runs filter and
-    group by how they were trained."""
+    config's logger.tags plus router=, ep=, zero=, shard= (when sharded), experiment= and
+    world=, so runs filter and group by how they were trained."""
     launch = config.get("launch") or {}
     moe = config.get("moe") or {}
     name = cfg.name or str(config.get("run_name") or default_name)
     if cfg.name is None and launch.get("job"):
         name = f"{name}/{launch['job']}"
     group = cfg.group or launch.get("experiment") or launch.get("sweep")
+    parallel = config.get("parallel") or {}
     derived = {
         "router": moe.get("router", "dense") if moe else "dense",
-        "ep": (config.get("parallel") or {}).get("ep_size"),
+        "ep": parallel.get("ep_size"),
         "zero": (config.get("deepspeed") or {}).get("stage"),
+        "shard": None if parallel.get("shard") == "none" else parallel.get("shard"),
         "experiment": launch.get("experiment"),
         "world": launch.get("world"),
     }

@@ -117,9 +117,7 @@ class Trainer:
         self.mesh = mesh or init_mesh(cfg.parallel, cfg.moe, pick_device(tc.device))
         self.device, layout = self.mesh.device, self.mesh.layout
         self.rank, self.world = layout.rank, layout.world
-        precision = tc.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        precision = tc.precision_on(self.device.type)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         resume_from = resume_path(tc.resume, self.ckpt_root, self.mesh)
         self.model_cfg = cfg.model_config()
