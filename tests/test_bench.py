@@ -92,14 +92,15 @@ def test_two_level_row_is_a_valid_config_for_every_shape():
         assert cfg.router == "two_level" and cfg.num_experts % cfg.num_groups == 0
 
 
-def test_zero_benchmark_trains_the_same_model_both_ways_on_cpu(tmp_path):
-    out = tmp_path / "zero.json"
-    cmd = [sys.executable, "-m", "xpar.bench.zero", "--cpu", "--steps", "2", "--warmup", "1"]
+def test_backends_benchmark_trains_the_same_model_three_ways_on_cpu(tmp_path):
+    out = tmp_path / "backends.json"
+    cmd = [sys.executable, "-m", "xpar.bench.backends", "--cpu", "--steps", "2", "--warmup", "1"]
     proc = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert list(rows) == ["deepspeed=none", "deepspeed=zero2"]
-    none, zero2 = rows.values()
-    assert none["tokens_per_s"] > 0 and zero2["tokens_per_s"] > 0
-    assert zero2["loss"] == pytest.approx(none["loss"], rel=1e-5)  # same model, data, update
-    assert "deepspeed=zero2" in proc.stdout and "vs none" in proc.stdout
+    assert list(rows) == ["deepspeed=none", "deepspeed=zero2", "parallel.shard=fsdp"]
+    none, zero2, fsdp = rows.values()
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    for other in (zero2, fsdp):  # same model, data, update
+        assert other["loss"] == pytest.approx(none["loss"], rel=1e-5)
+    assert "parallel.shard=fsdp" in proc.stdout and "vs none" in proc.stdout

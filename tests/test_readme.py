@@ -40,7 +40,7 @@ APPENDED = ("max_steps", "save_every")  # the rest keep their cadence
 TRAINS = re.compile(r"-m xpar\.train\b|launch/(torchrun|debug)\.sh\b")
 BENCH_FLAGS = {
     "python -m xpar.bench.moe_layer": "--iters 1 --warmup 0 --a2a-steps 2",
-    "python -m xpar.bench.zero": "--steps 2 --warmup 1",
+    "python -m xpar.bench.backends": "--steps 2 --warmup 1",
     "python -m xpar.bench.memory": "--steps 1 --warmup 0",
 }
 
@@ -96,7 +96,7 @@ SKIPPED = {
         "needs Slurm with pyxis, the image imported above and GPUs"
     ),
     "python -m xpar.bench.moe_layer": "GPU-sized shapes A, B and C (the --shapes small line runs)",
-    "python -m xpar.bench.zero": "a GPU: moe_300m in bf16 (the --cpu line runs)",
+    "python -m xpar.bench.backends": "a GPU: moe_300m in bf16 (the --cpu line runs)",
 }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from xpar.bench.zero import job, timed_steps
+from xpar.bench.backends import job, timed_steps
 from xpar.plan.gpus import GPU
 from xpar.plan.planner import Cluster, plan_job
 

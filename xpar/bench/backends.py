@@ -1,12 +1,14 @@
-"""Training throughput with and without DeepSpeed ZeRO-2, in one process.
+"""Training throughput and memory of the three training backends, in one process: xpar's own
+(deepspeed=none), DeepSpeed ZeRO-2 and FSDP2 (parallel.shard=fsdp).
 
-    python -m xpar.bench.zero                      # GPU: model=moe_300m, bf16, 50 steps each
-    python -m xpar.bench.zero --cpu                # CPU stand-in: model=tiny, fp32, 10 steps
+    python -m xpar.bench.backends                  # GPU: model=moe_300m, bf16, 50 steps each
+    python -m xpar.bench.backends --cpu            # CPU stand-in: model=tiny, fp32, 10 steps
 
 Each row trains the same model on the synthetic corpus through xpar's trainer for a few warm-up
 steps and then the timed steps, and reports tokens/s, MFU (on a GPU of known peak), peak GPU
-memory and the last loss. Both rows run in this process, one after the other, so their ratio
-is a same-run comparison.
+memory and the last loss. The rows run in this process, one after the other, so their ratios
+are a same-run comparison. In one process nothing is sharded: the rows measure what each
+backend's step costs (FSDP's all-gathers and casts, ZeRO's flat buffers) over xpar's own.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from hydra import compose, initialize_config_dir
 from xpar.config import CONF_DIR, register_configs, to_train_config
 from xpar.model import flops_per_token
 
-ROWS = {"deepspeed=none": ["deepspeed=none"], "deepspeed=zero2": ["deepspeed=zero2"]}
+ROWS = {
+    "deepspeed=none": ["deepspeed=none"],
+    "deepspeed=zero2": ["deepspeed=zero2"],
+    "parallel.shard=fsdp": ["parallel.shard=fsdp"],
+}
 
 
 def job(overrides: list[str]):
@@ -99,12 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = {name: measure([*base, *extra], steps, args.warmup) for name, extra in ROWS.items()}
     ref = rows["deepspeed=none"]["tokens_per_s"]
     print(f"\n{device}; {' '.join(base)}; {steps} timed steps")
-    print(f"{'row':<18}{'tokens/s':>12}{'vs none':>9}{'MFU':>8}{'peak GiB':>10}{'loss':>9}")
+    print(f"{'row':<21}{'tokens/s':>12}{'vs none':>9}{'MFU':>8}{'peak GiB':>10}{'loss':>9}")
     for name, r in rows.items():
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         mem = "-" if r["peak_mem_GiB"] is None else f"{r['peak_mem_GiB']:.2f}"
         ratio = r["tokens_per_s"] / ref
-        line = f"{name:<18}{r['tokens_per_s']:>12.0f}{ratio:>9.2f}{mfu:>8}{mem:>10}"
+        line = f"{name:<21}{r['tokens_per_s']:>12.0f}{ratio:>9.2f}{mfu:>8}{mem:>10}"
         print(f"{line}{r['loss']:>9.4f}")
     if args.json is not None:
         args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=1))
