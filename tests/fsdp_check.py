@@ -37,14 +37,16 @@ STEPS = 10
 # micro-batches: a batch of 8 over W ranks is 8 / W rows per rank in one micro-step, or in
 # micro-steps of one row. The balancing loss is taken per micro-batch: under accumulation each
 # rank keeps its own (parallel.reduce_aux_stats=false), so that one process in micro-batches of
-# one row sees the same. Then, at 4 ranks, HSDP (shards of 2 ranks, replicated twice) with
-# full recompute, and at 2 the state offloaded to the CPU.
+# one row sees the same; reduced into the shards every micro-step, too. Then, at 4 ranks, HSDP
+# (shards of 2 ranks, replicated twice) with full recompute, and at 2 the state offloaded to
+# the CPU.
 ACCUM = ["data.micro_batch_size=1", "parallel.reduce_aux_stats=false"]
 CASES = {
     "topk": (["moe=topk"], []),
     "topk_accum": (["moe=topk", *ACCUM], []),
     "two_level": (["moe=two_level"], []),
     "two_level_accum": (["moe=two_level", *ACCUM], []),
+    "topk_accum_reduced": (["moe=topk", *ACCUM], ["parallel.reduce_micro_steps=true"]),
     "hsdp_recompute": (["moe=topk"], ["parallel.shard_size=2", "trainer.recompute=full"]),
     "offload": (["moe=topk"], ["parallel.offload=true"]),
 }

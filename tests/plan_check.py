@@ -1,7 +1,8 @@
 """Worker for tests/test_plan.py, run on every rank (gloo) or in one process: for each job it
 is given (space-separated overrides, one job an argument), a real Trainer takes one step and
 one more backward pass, and this prints one JSON line per rank with what its tensors hold
-(xpar.plan.resident) beside what the planner predicts for it (xpar.plan.state)."""
+(xpar.plan.resident) beside what the planner predicts for it (xpar.plan.state), for this rank
+(FSDP's shards differ from rank to rank)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from xpar.plan.resident import resident_state
-from xpar.plan.state import inventory, state_bytes
+from xpar.plan.state import fsdp_state_bytes, inventory, state_bytes
 from xpar.training.trainer import Trainer
 
 from jobs import FAST, build
@@ -33,9 +34,11 @@ def check(overrides: list[str], out: Path) -> dict:
         trainer.backend.backward(o.loss + o.aux_loss)
     held = resident_state(trainer)
     nbytes = 4 if trainer.autocast_dtype is None else 2  # the CPU's auto precision is fp32
-    planned = state_bytes(
-        inventory(cfg), cfg.deepspeed.stage, nbytes, trainer.world, cfg.parallel.ep_size
-    )
+    par, inv = cfg.parallel, inventory(cfg)
+    if par.shard == "fsdp":
+        planned = fsdp_state_bytes(inv, trainer.world, par.ep_size, par.shard_size, trainer.rank)
+    else:
+        planned = state_bytes(inv, cfg.deepspeed.stage, nbytes, trainer.world, par.ep_size)
     return {
         "rank": trainer.rank,
         "job": " ".join(overrides),

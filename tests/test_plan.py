@@ -36,7 +36,8 @@ def assert_exact(rows: list[dict]) -> None:
 
 def test_state_bytes_equal_a_single_process_run(capsys, monkeypatch):
     jobs = ["deepspeed=none", "deepspeed=zero1", f"deepspeed=zero2 {ODD}", "moe=dense",
-            "deepspeed=zero2 finetune.train=experts"]  # fmt: skip
+            "deepspeed=zero2 finetune.train=experts", f"parallel.shard=fsdp {ODD}",
+            "parallel.shard=fsdp finetune.train=experts"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["plan_check", *jobs])
     sys.path.insert(0, str(REPO / "tests"))
     import plan_check
@@ -49,14 +50,20 @@ def test_state_bytes_equal_a_single_process_run(capsys, monkeypatch):
     assert zero2["masters"]["expert"] > 0 and rows[0]["held"]["masters"]["dense"] == 0
 
 
+# FSDP at EP=2 with 3 experts a rank: over 2 EDP ranks (4 processes) the second holds one of a
+# chunk of two, so the ranks' bytes differ.
+UNEVEN_FSDP = f"parallel.ep_size=2 parallel.shard=fsdp parallel.shard_size=2 {ODD}"
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("world", "jobs"),
     [
         (2, ["parallel.ep_size=2", "parallel.ep_size=2 deepspeed=zero1",
-             f"parallel.ep_size=2 deepspeed=zero2 {ODD}", "moe=dense deepspeed=zero2"]),
+             f"parallel.ep_size=2 deepspeed=zero2 {ODD}", "moe=dense deepspeed=zero2",
+             f"parallel.ep_size=2 parallel.shard=fsdp {ODD}"]),
         (4, ["parallel.ep_size=2", f"parallel.ep_size=2 deepspeed=zero1 {ODD}",
-             "parallel.ep_size=2 deepspeed=zero2"]),
+             "parallel.ep_size=2 deepspeed=zero2", UNEVEN_FSDP]),
     ],
     ids=["EP2", "EP2xDP2"],
 )  # fmt: skip
@@ -66,6 +73,9 @@ def test_state_bytes_equal_every_rank_of_a_parallel_run(world, jobs):
     rows = [row for r in results for row in held_vs_planned(r.stdout)]
     assert len(rows) == world * len(jobs)
     assert_exact(rows)
+    if UNEVEN_FSDP in jobs:  # HSDP, with shorter chunks on some ranks: planned per rank
+        held = [r["held"] for r in rows if r["job"] == UNEVEN_FSDP]
+        assert len({json.dumps(h, sort_keys=True) for h in held}) > 1
 
 
 def uniform_routing(moe: MoEConfig, tokens: int, gen: torch.Generator) -> torch.Tensor:
@@ -136,6 +146,71 @@ def test_deepseek_v3_search_on_1024_h200_lists_fitting_layouts(capsys):
         assert 0 < p["mfu"] < 1
 
 
+def test_fsdp_plans_print_their_gathers_and_offload_moves_the_state_to_the_host(capsys):
+    job = ["model=mixtral_8x7b", "parallel.ep_size=8", "parallel.shard=fsdp", "--gpus", "16"]
+    code, out, err = run_plan(capsys, *job, "parallel.shard_size=8")
+    assert code == 0, err
+    for line in ("backend fsdp:8", "weights (fp32 shards)", "gathered units (fsdp)",
+                 "parameter all-gather", "parallel.shard=fsdp parallel.shard_size=8"):  # fmt: skip
+        assert line in out, line
+    figures = {}
+    for offload in ("false", "true"):
+        code, out, err = run_plan(capsys, *job, f"parallel.offload={offload}", "--json")
+        assert code == 0, err
+        figures[offload] = json.loads(out)["plan"]
+    on_gpu, on_host = figures["false"], figures["true"]
+    state = sum(sum(on_gpu["memory_bytes"][k].values()) for k in
+                ("weights", "grads", "optimizer", "masters"))  # fmt: skip
+    assert on_host["memory_bytes"]["host"] == state and on_gpu["memory_bytes"]["host"] == 0
+    assert on_host["memory_bytes"]["peak"] == on_gpu["memory_bytes"]["peak"] - state
+    assert on_host["time_s"]["host_copy"] > 0 == on_gpu["time_s"]["host_copy"]
+    assert on_host["time_s"]["optimizer"] > on_gpu["time_s"]["optimizer"]
+
+
+def test_fsdp_reducing_every_micro_step_keeps_no_whole_gradients():
+    """Under accumulation (4 micro-steps), parallel.reduce_micro_steps drops exactly the whole
+    fp32 gradients of this rank's parameters from the peak and reduces 4 times a step."""
+    from xpar.plan.__main__ import planned_job
+    from xpar.plan.gpus import get_gpu
+    from xpar.plan.planner import Cluster, plan_job
+    from xpar.plan.state import inventory
+
+    plans = {}
+    for each in ("false", "true"):
+        job = ["model=mixtral_8x7b", "parallel.ep_size=8", "parallel.shard=fsdp"]
+        cfg, _ = planned_job([*job, f"parallel.reduce_micro_steps={each}"], 16)
+        plans[each] = plan_job(cfg, Cluster(16, 8, get_gpu("h200")))
+    whole, reduced = plans["false"], plans["true"]
+    assert whole.accumulation == reduced.accumulation == 4
+    inv = inventory(cfg)
+    local = sum(inv.dense_groups) + inv.expert_trained // 8
+    assert whole.buffers["gradients"] - reduced.buffers["gradients"] == 4 * local
+    assert reduced.time.grad_reduce == pytest.approx(4 * whole.time.grad_reduce)
+    assert reduced.backend.overrides.endswith("parallel.reduce_micro_steps=true")
+
+
+@pytest.mark.parametrize("gpus", [128, 64])
+def test_fsdp_is_what_fits_deepseek_v3_where_replicated_dense_weights_do_not(gpus):
+    """DeepSeek-V3 on 128 or 64 H200s: no layout holding the dense weights whole fits, sharded
+    ones do (on 64 only with the state offloaded, which the search tries only then)."""
+    from xpar.plan.__main__ import planned_job
+    from xpar.plan.gpus import get_gpu
+    from xpar.plan.planner import Backend, Cluster, plan_job, search, with_layout
+
+    cfg, _ = planned_job(["model=deepseek_v3"], gpus)
+    cluster = Cluster(gpus, 8, get_gpu("h200"))
+    plans = search(cfg, cluster)
+    fitting = [p for p in plans if p.fits]
+    assert fitting and all(p.backend.shard == "fsdp" for p in fitting)
+    assert {"plain", "zero1", "zero2", "fsdp", "fsdp:8"} <= {p.backend.name for p in plans}
+    on_gpu = [p for p in plans if not p.backend.offload]
+    assert any(p.backend.offload for p in plans) == (not any(p.fits for p in on_gpu))
+    best = fitting[0]
+    assert best.time.param_gather > 0 and best.stage == 0
+    zero2 = with_layout(cfg, best.ep_size, best.recompute, Backend(2), best.micro_batch)
+    assert not plan_job(zero2, cluster).fits
+
+
 def test_recompute_trades_memory_for_time_in_the_plan(capsys):
     figures = {}
     for mode in ("none", "experts", "full"):
@@ -186,7 +261,8 @@ def test_the_presets_are_planned_without_building_them():
 
 
 README_PRESETS = [("mixtral_8x7b", 8), ("mixtral_8x7b", 16), ("mixtral_8x7b", 64),
-                  ("deepseek_v3", 256), ("deepseek_v3", 1024), ("olmoe_1b_7b", 8),
+                  ("deepseek_v3", 64), ("deepseek_v3", 128), ("deepseek_v3", 256),
+                  ("deepseek_v3", 1024), ("olmoe_1b_7b", 8),
                   ("deepseek_v2_lite", 8), ("moe_300m", 1)]  # fmt: skip
 
 
@@ -198,10 +274,15 @@ def preset_row(capsys, preset: str, gpus: int) -> str:
     if not best["fits"]:
         return f"| `{preset}` | {gpus} | nothing fits | | | |"
     lay = best["layout"]
-    zero = "none" if lay["zero_stage"] == 0 else f"zero{lay['zero_stage']}"
+    if lay["shard"] == "fsdp":
+        backend = "shard=fsdp" + (f", shard_size={lay['shard_size']}" if lay["shard_size"] else "")
+        backend += ", offload=true" if lay["offload"] else ""
+        backend += ", reduce_micro_steps=true" if lay["reduce_micro_steps"] else ""
+    else:
+        backend = "deepspeed=" + ("none" if lay["zero_stage"] == 0 else f"zero{lay['zero_stage']}")
     return (
         f"| `{preset}` | {gpus} | ep_size={lay['ep_size']}, recompute={lay['recompute']}, "
-        f"deepspeed={zero}, micro-batch {lay['micro_batch']} | "
+        f"{backend}, micro-batch {lay['micro_batch']} | "
         f"{best['memory_bytes']['peak'] / 2**30:.0f} | {best['time_s']['total']:.2f} | "
         f"{best['mfu']:.0%} |"
     )

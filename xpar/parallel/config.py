@@ -31,6 +31,10 @@ class ParallelConfig:
     # the world / shard_size such groups (HSDP). None: the whole world.
     shard_size: int | None = None
     offload: bool = False  # fsdp: parameters, gradients and AdamW state kept in CPU memory
+    # fsdp with gradient accumulation: reduce-scatter every micro-step's gradients into the
+    # shards (a reduce-scatter per micro-step) instead of keeping the whole gradients of every
+    # unit until the last micro-step (one reduce-scatter a step, whole-model gradient memory).
+    reduce_micro_steps: bool = False
 
     def dedup_for(self, router: str) -> bool:
         """Whether a layer of this router sends each token once per rank (`dedup`, resolved)."""
@@ -42,7 +46,11 @@ class ParallelConfig:
         one_of("parallel.shard", self.shard, SHARD_MODES)
         if self.shard_size is not None:
             at_least("parallel.shard_size", self.shard_size, 1)
-        for name, unset in (("shard_size", None), ("offload", False)):
+        for name, unset in (
+            ("shard_size", None),
+            ("offload", False),
+            ("reduce_micro_steps", False),
+        ):
             if self.shard == "none" and getattr(self, name) != unset:
                 raise UserError(
                     f"parallel.{name}={getattr(self, name)} shards nothing without "

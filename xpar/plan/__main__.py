@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
         ("memory-gib", "GPU memory"),
         ("nvlink-gbps", "NVLink GB/s per direction"),
         ("network-gbps", "network GB/s per GPU per direction"),
+        ("pcie-gbps", "PCIe GB/s to the host per direction (parallel.offload)"),
+        ("host-memory-gib", "share of its node's host memory (parallel.offload)"),
+        ("host-adamw-gbps", "host AdamW rate for its shards, GB/s (parallel.offload)"),
     ):
         p.add_argument(f"--{name}", type=float, help=f"override the GPU's {what}")
     defaults = Efficiency()
@@ -106,6 +109,9 @@ def cluster_of(args: argparse.Namespace) -> Cluster:
         memory_gib=args.memory_gib,
         nvlink_gbps=args.nvlink_gbps,
         network_gbps=args.network_gbps,
+        pcie_gbps=args.pcie_gbps,
+        host_memory_gib=args.host_memory_gib,
+        host_adamw_gbps=args.host_adamw_gbps,
     )
     eff = Efficiency(**{
         f.name: v for f in dataclasses.fields(Efficiency)
@@ -195,7 +201,8 @@ def run(argv: list[str]) -> int:
         print(json.dumps(out, indent=1))
         return 0
     lines = header(cfg, cluster, model_name(overrides), notes)
-    lines += ["", f"layout: {plan.overrides} (accumulation {plan.accumulation})"]
+    layout = f"{plan.overrides} (backend {plan.backend.name}, accumulation {plan.accumulation})"
+    lines += ["", f"layout: {layout}"]
     lines += memory_table(plan) + time_table(plan, cluster)
     if not plan.fits and not args.search:
         lines.append(advice(cfg, cluster))

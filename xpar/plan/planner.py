@@ -1,6 +1,8 @@
 """A job's plan on a cluster: memory per GPU against the GPU's, and the step time, for the
-layout its config names or (search) for every layout of ep_size x recompute x ZeRO stage x
-micro-batch the trainer would take.
+layout its config names or (search) for every layout of ep_size x recompute x backend x
+micro-batch the trainer would take (backends: deepspeed=none|zero1|zero2, and
+parallel.shard=fsdp over all ranks or, HSDP, over each node; with parallel.offload too when
+nothing else fits).
 
 Memory: the model state (xpar.plan.state, exact), one micro-batch's activations
 (xpar.plan.activations; gradient accumulation holds one at a time), the all-to-all's send and
@@ -8,15 +10,28 @@ receive buffers of one layer, and the gradient buffers of the backend: DDP's buc
 of the dense gradients) and the expert gradients flattened for their reduce under
 `deepspeed=none`; DeepSpeed's reduce bucket and the fp32 copy of the gradient partition its
 step makes under ZeRO, and under ZeRO-1 with gradient accumulation the whole gradients it keeps
-between micro-steps (ZeRO-2 reduces each micro-step's into its partition). A job fits when
-that peak, plus RESERVE_GIB for the CUDA context and the cuBLAS/NCCL workspaces, is within
-the GPU's memory.
+between micro-steps (ZeRO-2 reduces each micro-step's into its partition).
+
+Under `parallel.shard=fsdp` (xpar.training.fsdp) the buffers are the gathered units, in the
+compute dtype, at the larger of two moments. During a layer's backward: the root (gathered
+from its forward to the end of backward) and its gradients, the layer's block and expert units,
+one more unit being prefetched, and the largest unit's gradients with their fp32
+reduce-scatter input; at the root's own reduce: the root, its gradients and their fp32 copy.
+Units count padded, as FSDP gathers them. With gradient accumulation FSDP keeps every unit's
+whole gradients in fp32 between micro-steps, unless `parallel.reduce_micro_steps` reduces each
+micro-step's into the shards. Under `parallel.offload` the model state lives in
+host memory (`Plan.host_bytes`) and the GPU holds only those buffers and the activations (the
+1 / ranks shards in transit are left out).
+
+A job fits when the peak, plus RESERVE_GIB for the CUDA context and the cuBLAS/NCCL
+workspaces, is within the GPU's memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from itertools import product
 
 from xpar.checks import UserError
 from xpar.config import TrainConfig
@@ -24,13 +39,60 @@ from xpar.model import RECOMPUTE_MODES
 from xpar.parallel.mesh import check_layout
 from xpar.plan.activations import ActivationBytes, activation_bytes
 from xpar.plan.gpus import GPU
-from xpar.plan.state import FP32, ParamInventory, StateBytes, inventory, state_bytes
+from xpar.plan.state import (
+    FP32,
+    ParamInventory,
+    StateBytes,
+    chunk,
+    fsdp_state_bytes,
+    gathered,
+    inventory,
+    sharding,
+    state_bytes,
+)
 from xpar.plan.timing import Efficiency, Job, StepTime, step_time
 from xpar.plan.traffic import RowsPerToken, rows_per_token
 
 GIB = 2**30
 RESERVE_GIB = 3.0
 STAGES = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A training backend as the config selects it: a ZeRO stage (0: none), or fsdp."""
+
+    stage: int = 0
+    shard: str = "none"
+    shard_size: int | None = None
+    offload: bool = False
+    reduce_micro_steps: bool = False
+
+    @property
+    def name(self) -> str:
+        """Short: plain, zero1, zero2, fsdp; fsdp:S for HSDP over S ranks; +offload; +reduce
+        for a reduce-scatter every micro-step."""
+        if self.shard != "fsdp":
+            return f"zero{self.stage}" if self.stage else "plain"
+        size = f":{self.shard_size}" if self.shard_size else ""
+        offload = "+offload" if self.offload else ""
+        return f"fsdp{size}{offload}{'+reduce' if self.reduce_micro_steps else ''}"
+
+    @property
+    def overrides(self) -> str:
+        if self.shard != "fsdp":
+            return f"deepspeed={f'zero{self.stage}' if self.stage else 'none'}"
+        size = f" parallel.shard_size={self.shard_size}" if self.shard_size else ""
+        offload = " parallel.offload=true" if self.offload else ""
+        reduce = " parallel.reduce_micro_steps=true" if self.reduce_micro_steps else ""
+        return f"deepspeed=none parallel.shard=fsdp{size}{offload}{reduce}"
+
+
+def backend_of(cfg: TrainConfig) -> Backend:
+    par = cfg.parallel
+    return Backend(
+        cfg.deepspeed.stage, par.shard, par.shard_size, par.offload, par.reduce_micro_steps
+    )
 
 
 @dataclass(frozen=True)
@@ -47,7 +109,7 @@ class Plan:
 
     ep_size: int
     recompute: str
-    stage: int
+    backend: Backend
     micro_batch: int
     accumulation: int
     state: StateBytes
@@ -55,28 +117,98 @@ class Plan:
     buffers: dict[str, int]
     time: StepTime
     memory_bytes: float  # the GPU's
+    host_memory_bytes: float  # the GPU's share of its node's
+
+    @property
+    def stage(self) -> int:
+        return self.backend.stage
 
     @property
     def peak_bytes(self) -> int:
-        return self.state.total + self.activations.total + sum(self.buffers.values())
+        state = 0 if self.backend.offload else self.state.total
+        return state + self.activations.total + sum(self.buffers.values())
+
+    @property
+    def host_bytes(self) -> int:
+        """Model state in host memory, per GPU (parallel.offload)."""
+        return self.state.total if self.backend.offload else 0
+
+    @property
+    def fits_gpu(self) -> bool:
+        return self.peak_bytes + RESERVE_GIB * GIB <= self.memory_bytes
+
+    @property
+    def fits_host(self) -> bool:
+        return self.host_bytes <= self.host_memory_bytes
 
     @property
     def fits(self) -> bool:
-        return self.peak_bytes + RESERVE_GIB * GIB <= self.memory_bytes
+        return self.fits_gpu and self.fits_host
 
     @property
     def overrides(self) -> str:
         """The command-line settings of this layout."""
-        zero = "none" if self.stage == 0 else f"zero{self.stage}"
         return (
             f"parallel.ep_size={self.ep_size} trainer.recompute={self.recompute} "
-            f"deepspeed={zero} data.micro_batch_size={self.micro_batch}"
+            f"{self.backend.overrides} data.micro_batch_size={self.micro_batch}"
         )
 
 
 def train_bytes(cfg: TrainConfig) -> int:
-    """Bytes of a parameter under ZeRO: the training dtype's (on a GPU, auto is bf16)."""
+    """Bytes of a parameter under ZeRO, or gathered under fsdp: the training dtype's (on a
+    GPU, auto is bf16)."""
     return FP32 if cfg.trainer.precision == "fp32" else 2
+
+
+def fsdp_buffers(
+    inv: ParamInventory,
+    world: int,
+    ep_size: int,
+    shard_size: int | None,
+    nbytes: int,
+    accum: int,
+    reduce_micro_steps: bool = False,
+) -> dict[str, int]:
+    """FSDP's gathered units and gradient buffers at their peak (see the module docstring), in
+    bytes; `nbytes`: the compute dtype's."""
+    shardings = [sharding(u, world, ep_size, shard_size) for u in inv.units]
+    params = [gathered(u, sh) for u, sh in zip(inv.units, shardings, strict=True)]
+    grads = [gathered(u, sh, trained=True) for u, sh in zip(inv.units, shardings, strict=True)]
+    layers, experts = [], 0  # a block is gathered while its experts (the units before it) run
+    for unit, n in zip(inv.units[:-1], params[:-1], strict=True):
+        if unit.expert:
+            experts += n
+        else:
+            layers.append(n + experts)
+            experts = 0
+    *units, root = range(len(inv.units))
+    big_params, big_grads = max(params[u] for u in units), max(grads[u] for u in units)
+    in_layer = {
+        "unsharded_params": nbytes * (params[root] + max(layers) + big_params),
+        "gradients": nbytes * (grads[root] + big_grads) + FP32 * big_grads,
+    }
+    at_root = {
+        "unsharded_params": nbytes * params[root],
+        "gradients": (nbytes + FP32) * grads[root],
+    }
+    out = max(in_layer, at_root, key=lambda d: sum(d.values()))
+    if accum > 1 and not reduce_micro_steps:  # every unit's whole fp32 gradients, kept
+        for unit, sh in zip(inv.units, shardings, strict=True):
+            whole = sum(s.rows // sh.rows_divisor * s.row for s in unit.params if s.trained)
+            out["gradients"] += FP32 * whole
+    return out
+
+
+def fsdp_optimizer_elements(
+    inv: ParamInventory, world: int, ep_size: int, shard_size: int | None
+) -> int:
+    """The trained elements rank 0's AdamW steps: a whole chunk of every trained tensor."""
+    total = 0
+    for unit in inv.units:
+        sh = sharding(unit, world, ep_size, shard_size)
+        for s in unit.params:
+            total += chunk(s.rows // sh.rows_divisor, sh.ranks) * s.row if s.trained else 0
+    return total
 
 
 def plan_job(cfg: TrainConfig, cluster: Cluster, inv: ParamInventory | None = None) -> Plan:
@@ -87,15 +219,16 @@ def plan_job(cfg: TrainConfig, cluster: Cluster, inv: ParamInventory | None = No
     micro, accum = cfg.data.accumulation(dp_world=W)
     inv = inv or inventory(cfg)
     model, tc, P = cfg.model_config(), cfg.trainer, cfg.parallel.ep_size
-    stage, nbytes = cfg.deepspeed.stage, train_bytes(cfg)
+    backend, nbytes = backend_of(cfg), train_bytes(cfg)
+    stage, fsdp, S = backend.stage, backend.shard == "fsdp", backend.shard_size
     precision = "fp32" if tc.precision == "fp32" else "bf16"
     act_bytes = 4 if precision == "fp32" else 2
     dedup = model.moe is not None and cfg.parallel.dedup_for(model.moe.router)
-    state = state_bytes(inv, stage, nbytes, W, P)
+    state = fsdp_state_bytes(inv, W, P, S) if fsdp else state_bytes(inv, stage, nbytes, W, P)
     acts = activation_bytes(
         model, micro, cfg.data.seq_len, tc.recompute, tc.recompute_layers, precision, P, dedup,
         all_to_all=W > 1 and model.moe is not None,  # parallelize() uses it on any world > 1
-        bf16_weights=stage > 0 and nbytes == 2,
+        bf16_weights=(stage > 0 or fsdp) and nbytes == 2,  # DeepSpeed's bf16, FSDP's gathers
     )  # fmt: skip
     rows = rows_per_token(model.moe, P, dedup, cluster.gpus_per_node) if model.moe else None
     tokens_micro = micro * cfg.data.seq_len
@@ -103,16 +236,18 @@ def plan_job(cfg: TrainConfig, cluster: Cluster, inv: ParamInventory | None = No
     if rows is not None and P > 1:  # one layer's rows out and in, dispatch or combine
         buffers["all_to_all"] = int(2 * tokens_micro * rows.rows * model.d_model * act_bytes)
     dense_trained, expert_trained = sum(inv.dense_groups), inv.expert_trained // P
-    if stage == 0:
+    if fsdp:
+        buffers.update(fsdp_buffers(inv, W, P, S, nbytes, accum, backend.reduce_micro_steps))
+        optimizer_elements = fsdp_optimizer_elements(inv, W, P, S)
+    elif stage == 0:
         buffers["gradients"] = FP32 * ((dense_trained if W > 1 else 0) + expert_trained)
+        optimizer_elements = dense_trained + expert_trained
     else:
         bucket = min(cfg.deepspeed.reduce_bucket_size, dense_trained + expert_trained)
         buffers["gradients"] = nbytes * bucket + state.masters.total  # fp32 grads = masters'
         if stage == 1 and accum > 1:  # ZeRO-1 accumulates whole gradients between micro-steps
             buffers["gradients"] += nbytes * (dense_trained + expert_trained)
-    optimizer_elements = (
-        dense_trained + expert_trained if stage == 0 else state.masters.total // FP32
-    )
+        optimizer_elements = state.masters.total // FP32
     job = Job(
         seq_len=cfg.data.seq_len,
         tokens=cfg.data.batch_size * cfg.data.seq_len // W,
@@ -124,50 +259,77 @@ def plan_job(cfg: TrainConfig, cluster: Cluster, inv: ParamInventory | None = No
         stage=stage,
         train_bytes=nbytes,
         act_bytes=act_bytes,
+        shard=backend.shard,
+        shard_size=S,
+        offload=backend.offload,
+        reduce_micro_steps=backend.reduce_micro_steps,
+        accumulation=accum,
     )
     time = step_time(
         model, job, inv, rows or RowsPerToken(0.0, 0.0, 0.0), optimizer_elements, cluster.gpu,
         cluster.efficiency,
     )  # fmt: skip
     return Plan(
-        P, tc.recompute, stage, micro, accum, state, acts, buffers, time,
-        cluster.gpu.memory_gib * GIB,
+        P, tc.recompute, backend, micro, accum, state, acts, buffers, time,
+        cluster.gpu.memory_gib * GIB, cluster.gpu.host_memory_gib * GIB,
     )  # fmt: skip
 
 
-def with_layout(cfg: TrainConfig, ep: int, recompute: str, stage: int, micro: int) -> TrainConfig:
+def with_layout(
+    cfg: TrainConfig, ep: int, recompute: str, backend: Backend, micro: int
+) -> TrainConfig:
     """`cfg` at another layout (each section checked again)."""
     return dataclasses.replace(
         cfg,
-        parallel=dataclasses.replace(cfg.parallel, ep_size=ep),
+        parallel=dataclasses.replace(
+            cfg.parallel,
+            ep_size=ep,
+            shard=backend.shard,
+            shard_size=backend.shard_size,
+            offload=backend.offload,
+            reduce_micro_steps=backend.reduce_micro_steps,
+        ),
         trainer=dataclasses.replace(cfg.trainer, recompute=recompute),
-        deepspeed=dataclasses.replace(cfg.deepspeed, stage=stage),
+        deepspeed=dataclasses.replace(cfg.deepspeed, stage=backend.stage),
         data=dataclasses.replace(cfg.data, micro_batch_size=micro),
     )
+
+
+def backends(cluster: Cluster, offload: bool) -> list[Backend]:
+    """The backends the search tries: every ZeRO stage, and fsdp over all ranks or (HSDP) over
+    each node, keeping whole gradients between micro-steps or reducing each; with `offload`,
+    only fsdp's offloading ones."""
+    W, node = cluster.gpus, cluster.gpus_per_node
+    sizes = [None] + ([node] if node < W and W % node == 0 else [])
+    fsdp = [Backend(0, "fsdp", size, offload, each) for size in sizes for each in (False, True)]
+    return fsdp if offload else [Backend(stage) for stage in STAGES] + fsdp
 
 
 def search(cfg: TrainConfig, cluster: Cluster) -> list[Plan]:
     """Every layout the trainer would take on `cluster`: fitting ones first, fastest first (the
     smaller peak first among equals: the time model gives a micro-batch size no speed of its
-    own); then the rest, smallest peak memory first."""
+    own); then the rest, smallest peak memory first. The offloading layouts (slow: AdamW on the
+    host, the shards over PCIe) are tried only when no other fits."""
     W, moe = cluster.gpus, cfg.moe
     per_rank = cfg.data.batch_size // W if cfg.data.batch_size % W == 0 else 0
     if not per_rank:
         cfg.data.accumulation(dp_world=W)  # the trainer's own error
     eps = [p for p in range(1, W + 1) if W % p == 0 and (moe is None or moe.num_experts % p == 0)]
+    eps = eps if moe is not None else [1]
     micros = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
     recomputes = RECOMPUTE_MODES if moe is not None else ("none", "full")
     inv = inventory(cfg)
-    plans = []
-    for ep in eps if moe is not None else [1]:
-        for recompute in recomputes:
-            for stage in STAGES:
-                for micro in micros:
-                    try:
-                        job = with_layout(cfg, ep, recompute, stage, micro)
-                        plans.append(plan_job(job, cluster, inv))
-                    except UserError:
-                        continue  # a layout the trainer refuses (two-level groups, say)
+    plans: list[Plan] = []
+    for offload in (False, True):
+        if any(p.fits for p in plans):
+            break
+        for layout in product(eps, recomputes, backends(cluster, offload), micros):
+            if layout[2].reduce_micro_steps and layout[3] == per_rank:
+                continue  # no accumulation: the same as keeping whole gradients
+            try:
+                plans.append(plan_job(with_layout(cfg, *layout), cluster, inv))
+            except UserError:
+                continue  # a layout the trainer refuses (two-level groups, say)
     fitting = sorted((p for p in plans if p.fits), key=lambda p: (p.time.total, p.peak_bytes))
     rest = sorted((p for p in plans if not p.fits), key=lambda p: p.peak_bytes)
     return fitting + rest

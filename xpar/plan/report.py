@@ -25,29 +25,49 @@ def header(cfg: TrainConfig, cluster: Cluster, model_name: str, notes: list[str]
     return lines + [f"note: {n}" for n in notes]
 
 
+BUFFERS = {
+    "all_to_all": "all-to-all buffers",
+    "unsharded_params": "gathered units (fsdp)",
+    "gradients": "gradient buffers",
+}
+
+
 def memory_table(p: Plan) -> list[str]:
-    s = p.state
+    s, fsdp = p.state, p.backend.shard == "fsdp"
     rows = [
-        ("weights", s.weights),
+        ("weights (fp32 shards)" if fsdp else "weights", s.weights),
         ("gradients", s.grads),
         ("optimizer state (AdamW)", s.optimizer),
         ("fp32 masters", s.masters),
     ]
+    where = " (host memory)" if p.backend.offload else ""
     lines = [
         f"memory per GPU (GiB)          {'dense':>9} {'expert':>9} {'total':>9}",
-        *(f"  {name:<27} {_gib(x.dense)} {_gib(x.expert)} {_gib(x.total)}" for name, x in rows),
+        *(
+            f"  {name:<27} {_gib(x.dense)} {_gib(x.expert)} {_gib(x.total)}{where}"
+            for name, x in rows
+        ),
         f"  {'activations':<27} {'':>9} {'':>9} {_gib(p.activations.total)}"
         f"  (recompute={p.recompute}, micro-batch {p.micro_batch})",
-        f"  {'all-to-all buffers':<27} {'':>9} {'':>9} {_gib(p.buffers['all_to_all'])}",
-        f"  {'gradient buffers':<27} {'':>9} {'':>9} {_gib(p.buffers['gradients'])}",
+        *(
+            f"  {name:<27} {'':>9} {'':>9} {_gib(p.buffers[key])}"
+            for key, name in BUFFERS.items()
+            if key in p.buffers
+        ),
     ]
-    verdict = "fits" if p.fits else (
+    verdict = "fits" if p.fits_gpu else (
         f"does NOT fit: {(p.peak_bytes + RESERVE_GIB * GIB - p.memory_bytes) / GIB:.1f} GiB over"
     )  # fmt: skip
     lines.append(
         f"  {'peak allocated':<27} {'':>9} {'':>9} {_gib(p.peak_bytes)}  of "
         f"{p.memory_bytes / GIB:.1f} GiB with {RESERVE_GIB:g} GiB reserved: {verdict}"
     )
+    if p.backend.offload:
+        verdict = "fits" if p.fits_host else "does NOT fit"
+        lines.append(
+            f"  {'host memory (model state)':<27} {'':>9} {'':>9} {_gib(p.host_bytes)}  of "
+            f"{p.host_memory_bytes / GIB:.1f} GiB a GPU's share of its node's: {verdict}"
+        )
     return lines
 
 
@@ -63,8 +83,12 @@ def time_table(p: Plan, cluster: Cluster) -> list[str]:
             f"{t.a2a_gb['intra_node']:.2f} GB NVLink, {t.a2a_gb['inter_node']:.2f} GB network",
         ),
         ("gradient reduction", t.grad_reduce, ""),
-        ("optimizer step", t.optimizer, ""),
+        ("optimizer step", t.optimizer, "on the host" if p.backend.offload else ""),
     ]
+    if p.backend.shard == "fsdp":
+        parts.insert(4, ("parameter all-gather", t.param_gather, "fsdp"))
+    if p.backend.offload:
+        parts.append(("host copies", t.host_copy, "PCIe, shards in and gradients out"))
     return [
         f"time per optimizer step (predicted: uniform routing, no overlap; peak {peak:g} "
         f"TFLOP/s, NVLink {cluster.gpu.nvlink_gbps:g} GB/s, network "
@@ -81,13 +105,12 @@ def search_table(plans: list[Plan], top: int) -> list[str]:
     lines = [
         f"{len(fitting)} of {len(plans)} layouts fit"
         + ("; fastest first:" if fitting else "; none fits, the smallest:"),
-        f"  {'ep':>4} {'recompute':<9} {'zero':<5} {'micro':>5} {'GiB':>8} {'step s':>8} "
+        f"  {'ep':>4} {'recompute':<9} {'backend':<14} {'micro':>5} {'GiB':>8} {'step s':>8} "
         f"{'MFU':>6}  settings",
     ]
     for p in shown:
-        zero = "none" if p.stage == 0 else f"zero{p.stage}"
         lines.append(
-            f"  {p.ep_size:>4} {p.recompute:<9} {zero:<5} {p.micro_batch:>5} "
+            f"  {p.ep_size:>4} {p.recompute:<9} {p.backend.name:<14} {p.micro_batch:>5} "
             f"{p.peak_bytes / GIB:8.1f} {p.time.total:8.3f} {p.time.mfu:6.1%}  {p.overrides}"
         )
     return lines
@@ -101,7 +124,12 @@ def as_json(plan: Plan) -> dict[str, Any]:
         "layout": {
             "ep_size": plan.ep_size,
             "recompute": plan.recompute,
+            "backend": plan.backend.name,
             "zero_stage": plan.stage,
+            "shard": plan.backend.shard,
+            "shard_size": plan.backend.shard_size,
+            "offload": plan.backend.offload,
+            "reduce_micro_steps": plan.backend.reduce_micro_steps,
             "micro_batch": plan.micro_batch,
             "accumulation": plan.accumulation,
             "overrides": plan.overrides,
@@ -114,6 +142,8 @@ def as_json(plan: Plan) -> dict[str, Any]:
             "peak": plan.peak_bytes,
             "gpu": plan.memory_bytes,
             "reserve": RESERVE_GIB * GIB,
+            "host": plan.host_bytes,
+            "host_memory": plan.host_memory_bytes,
         },
         "fits": plan.fits,
         "time_s": {
@@ -123,6 +153,8 @@ def as_json(plan: Plan) -> dict[str, Any]:
             "all_to_all": t.all_to_all,
             "grad_reduce": t.grad_reduce,
             "optimizer": t.optimizer,
+            "param_gather": t.param_gather,
+            "host_copy": t.host_copy,
             "total": t.total,
         },
         "tflop": t.tflop,

@@ -6,6 +6,17 @@ compute, so nothing hides behind anything else. Compute is FLOPs over peak times
 fraction (`Efficiency`, stated and overridable); attention's S x S matmuls are counted causal
 (half the square); communication is bytes over the link bandwidth times `network`.
 
+Under `parallel.shard=fsdp` the collectives are FSDP2's, summed the same way (no overlap with
+compute nor with each other, though FSDP prefetches the next unit's all-gather behind the
+current unit's compute, so the sum is an upper bound): in every micro-step each unit's
+all-gather in the compute dtype for its forward and again for its backward (the root's once: it
+stays gathered), (ranks - 1) / ranks of the unit a GPU; in the last micro-step (in every one
+under `parallel.reduce_micro_steps`) a reduce-scatter of fp32 gradients and, under HSDP, an
+all-reduce of the 1 / shard_size fp32 shard across the world / shard_size replicas. A group
+runs over NVLink when its ranks lie within a node and over the NIC otherwise.
+`parallel.offload` adds, over PCIe, the fp32 shard each all-gather reads from the host and the
+fp32 gradient shard sent back, and runs AdamW on the host at the GPU's `host_adamw_gbps`.
+
 Legend: T tokens a GPU a step, S sequence length, D model dim, F expert hidden dim, K top-k,
 V vocab, W GPUs, P ep_size.
 """
@@ -17,7 +28,7 @@ from dataclasses import dataclass, replace
 from xpar.model import ModelConfig, flops_per_token
 from xpar.model.flops import attention_params
 from xpar.plan.gpus import GPU
-from xpar.plan.state import ParamInventory
+from xpar.plan.state import FP32, ParamInventory, gathered, sharding
 from xpar.plan.traffic import RowsPerToken
 
 ROW_META_BYTES = 12  # a dispatched row's K entries: int64 local expert id, fp32 weight
@@ -31,7 +42,7 @@ class Efficiency:
     dense_gemm: float = 0.70
     expert_gemm: float = 0.55  # grouped GEMMs over many small experts
     attention: float = 0.50
-    network: float = 0.80  # of NVLink / NIC bandwidth, all-to-all and gradient collectives
+    network: float = 0.80  # of NVLink / NIC / PCIe bandwidth: all-to-all, other collectives
     hbm: float = 0.80  # the optimizer step is memory-bound
 
 
@@ -46,9 +57,14 @@ class Job:
     ep_size: int
     recompute: str
     recompute_layers: int
-    stage: int  # ZeRO stage; 0 is xpar's own loop (fp32 gradients all-reduced)
-    train_bytes: int  # bytes of a gradient under ZeRO
+    stage: int  # ZeRO stage; 0 is xpar's own loop (fp32 gradients all-reduced) or fsdp
+    train_bytes: int  # bytes of a gradient under ZeRO, of a gathered parameter under fsdp
     act_bytes: int  # bytes of an activation value crossing the all-to-all (bf16: 2)
+    shard: str = "none"  # parallel.shard
+    shard_size: int | None = None  # parallel.shard_size (None: the world)
+    offload: bool = False
+    reduce_micro_steps: bool = False  # fsdp: a reduce-scatter every micro-step
+    accumulation: int = 1  # micro-steps a step
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,8 @@ class StepTime:
     optimizer: float
     tflop: dict[str, float]
     a2a_gb: dict[str, float]  # per GPU a step: intra-node and inter-node
+    param_gather: float = 0.0  # fsdp's all-gathers
+    host_copy: float = 0.0  # parallel.offload: shards and gradients over PCIe
     mfu: float = 0.0
     tokens_per_s: float = 0.0  # per GPU
 
@@ -75,6 +93,8 @@ class StepTime:
             + self.all_to_all
             + self.grad_reduce
             + self.optimizer
+            + self.param_gather
+            + self.host_copy
         )
 
 
@@ -146,6 +166,39 @@ def _grad_reduce(inv: ParamInventory, job: Job, gpu: GPU, eff: Efficiency) -> fl
     return seconds
 
 
+def _link(ranks: int, stride: int, job: Job, gpu: GPU, eff: Efficiency) -> float:
+    """Bytes/s of a collective over `ranks` ranks `stride` apart: NVLink when they lie within a
+    node, the NIC otherwise."""
+    gbps = gpu.nvlink_gbps if ranks * stride <= job.gpus_per_node else gpu.network_gbps
+    return gbps * 1e9 * eff.network
+
+
+def _fsdp(inv: ParamInventory, job: Job, gpu: GPU, eff: Efficiency) -> dict[str, float]:
+    """Seconds of FSDP's collectives a step (see the module docstring): param_gather,
+    grad_reduce and host_copy."""
+    W, P, S = job.world, job.ep_size, job.shard_size or job.world
+    out = dict.fromkeys(("param_gather", "grad_reduce", "host_copy"), 0.0)
+    pcie = gpu.pcie_gbps * 1e9 * eff.network
+    for unit in inv.units:
+        sh = sharding(unit, W, P, job.shard_size)
+        stride = P if unit.expert else 1  # EDP groups take every P-th rank
+        link = _link(sh.ranks, stride, job, gpu, eff)
+        numel, trained = gathered(unit, sh), gathered(unit, sh, trained=True)
+        gathers = job.accumulation * (1 if unit.kind == "root" else 2)
+        reduces = job.accumulation if job.reduce_micro_steps else 1
+        share = (sh.ranks - 1) / sh.ranks
+        out["param_gather"] += gathers * share * numel * job.train_bytes / link
+        out["grad_reduce"] += reduces * share * trained * FP32 / link
+        if not unit.expert and S < W:  # HSDP: the shard's all-reduce across the replicas
+            replicas = W // S
+            across = _link(replicas, S, job, gpu, eff)  # every S-th rank
+            all_reduce = 2 * (replicas - 1) / replicas * trained / S * FP32 / across
+            out["grad_reduce"] += reduces * all_reduce
+        if job.offload:
+            out["host_copy"] += (gathers * numel + reduces * trained) / sh.ranks * FP32 / pcie
+    return out
+
+
 def step_time(
     cfg: ModelConfig,
     job: Job,
@@ -156,19 +209,25 @@ def step_time(
     eff: Efficiency,
 ) -> StepTime:
     """One GPU's optimizer step (see the module docstring); `optimizer_elements`: the AdamW
-    elements this GPU updates (its ZeRO partition, or every trained parameter it holds)."""
+    elements this GPU updates (its ZeRO partition or FSDP shards, or every trained parameter
+    it holds)."""
     flops = _forward_flops(cfg, job)
     peak = gpu.peak_tflops * 1e12
     a2a, intra_gb, inter_gb = _all_to_all(cfg, job, rows, gpu, eff)
+    if job.shard == "fsdp":
+        comm = _fsdp(inv, job, gpu, eff)
+    else:
+        comm = {"grad_reduce": _grad_reduce(inv, job, gpu, eff)}
+    adamw_rate = gpu.host_adamw_gbps * 1e9 if job.offload else gpu.hbm_tbps * 1e12 * eff.hbm
     time = StepTime(
         expert_gemm=flops["expert"] / (peak * eff.expert_gemm),
         dense_gemm=flops["dense"] / (peak * eff.dense_gemm),
         attention=flops["attention"] / (peak * eff.attention),
         all_to_all=a2a,
-        grad_reduce=_grad_reduce(inv, job, gpu, eff),
-        optimizer=optimizer_elements * ADAMW_BYTES_PER_ELEMENT / (gpu.hbm_tbps * 1e12 * eff.hbm),
+        optimizer=optimizer_elements * ADAMW_BYTES_PER_ELEMENT / adamw_rate,
         tflop={k: v / 1e12 for k, v in flops.items()},
         a2a_gb={"intra_node": intra_gb, "inter_node": inter_gb},
+        **comm,
     )
     model_flops = flops_per_token(cfg, job.seq_len) * job.tokens  # the trainer's MFU counts
     return replace(

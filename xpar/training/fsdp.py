@@ -19,6 +19,11 @@ dtype) while the sharded parameters stay fp32, the master weights, and gradients
 in fp32. `parallel.offload` keeps the shards, their gradients and AdamW's state in CPU memory
 (FSDP's CPUOffloadPolicy) and steps the optimizer there.
 
+Gradient accumulation: the micro-steps before the last keep every unit's whole gradients and
+do not communicate, and the last one reduce-scatters the sum; `parallel.reduce_micro_steps`
+reduce-scatters each micro-step's into the sharded gradients instead (1 / ranks of the memory,
+a reduce-scatter per micro-step).
+
 Checkpoints hold each rank's shard of every tensor under the keys every backend uses
 (xpar.persist.fragments): a dim-0 shard is a contiguous range of the flattened tensor, so a run
 saved here resumes under any backend and layout, and the other way round.
@@ -84,6 +89,7 @@ class FsdpBackend:
         self.pm, self.max_norm = pm, cfg.optim.grad_clip or math.inf
         mesh, module, layout = pm.mesh, pm.module, pm.mesh.layout
         par = cfg.parallel
+        self.reduce_micro_steps = par.reduce_micro_steps
         join_process_group(mesh.device, par.timeout_s)  # one process: a group of one
         device_type = mesh.device.type
         self.dense_mesh = dense_mesh(device_type, layout.world, par.shard_size)
@@ -112,8 +118,15 @@ class FsdpBackend:
         fully_shard(module, mesh=self.dense_mesh, **policy)
         pm.rebind_params()
         self.root = module
-        optim_device = torch.device("cpu") if par.offload else mesh.device
-        self.optimizer = build_optimizer(module, cfg.optim, optim_device, cfg.finetune.head_lr)
+        # Offloaded, AdamW steps the host's shards: torch's multi-tensor kernels (foreach), which
+        # it takes by default only on CUDA.
+        self.optimizer = build_optimizer(
+            module,
+            cfg.optim,
+            torch.device("cpu") if par.offload else mesh.device,
+            cfg.finetune.head_lr,
+            foreach=True if par.offload else None,
+        )
         log.info(
             "FSDP2: dense parameters sharded over %d ranks%s, experts over groups of %d (EDP %d)%s",
             layout.world // self.replicas,
@@ -125,8 +138,9 @@ class FsdpBackend:
 
     @contextmanager
     def micro_step(self, last: bool) -> Iterator[Any]:
-        # Accumulating micro-steps keep whole gradients; the last one reduce-scatters them.
-        self.root.set_requires_gradient_sync(last)
+        # Accumulating micro-steps keep whole gradients and the last one reduce-scatters them,
+        # unless parallel.reduce_micro_steps reduces each into the shards.
+        self.root.set_requires_gradient_sync(last or self.reduce_micro_steps)
         yield self.root
 
     def backward(self, loss: Tensor) -> None:
@@ -165,8 +179,9 @@ class FsdpBackend:
         return StepOutcome(applied=finite)
 
     def local_bytes(self) -> dict[str, dict[str, int]]:
-        """Bytes this rank holds of the parameters and of the AdamW state (moments and steps),
-        dense and expert apart."""
+        """Bytes of this rank's rows of the parameters and of their AdamW state (moments and
+        steps), dense and expert apart; FSDP's storage pads the last ranks' rows to a whole
+        chunk (xpar.plan.resident counts the storage)."""
         out = {"params": {"dense": 0, "expert": 0}, "optimizer": {"dense": 0, "expert": 0}}
         for name, p in self.pm.module.named_parameters():
             kind = "expert" if name in self._expert_names else "dense"

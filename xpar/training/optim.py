@@ -46,10 +46,14 @@ def group_params(
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, device: torch.device, head_lr: float | None = None
+    model: nn.Module,
+    cfg: OptimConfig,
+    device: torch.device,
+    head_lr: float | None = None,
+    foreach: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameters (the head at `head_lr` when given); fused
-    kernels on CUDA unless told not to."""
+    kernels on CUDA unless told not to, else torch's choice of `foreach` unless given."""
     fused = device.type == "cuda" if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay, head_lr),
@@ -57,6 +61,7 @@ def build_optimizer(
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         fused=fused,
+        foreach=None if fused else foreach,
     )
 
 
