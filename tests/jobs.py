@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from xpar.config import CONF_DIR, TrainConfig, register_configs, to_train_config
+
+from distributed import torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 # A fast CPU job: the tiny model on a small corpus, no progress bar.
@@ -50,3 +55,32 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600, **env: str):
         text=True,
         timeout=timeout,
     )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> training loss of a run's metrics."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {x["step"]: x["loss"] for x in lines if "loss" in x}
+
+
+def train(tmp: Path, name: str, nproc: int, args: list[str]) -> dict[int, float]:
+    """The loss curve of `xpar.train ARGS run_name=NAME` in `tmp`, in one process or under
+    torchrun with `nproc`."""
+    args = [*args, f"run_name={name}"]
+    proc = run_cli(args, cwd=tmp) if nproc == 1 else torchrun(args, nproc, cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return losses(tmp / "runs" / name)
+
+
+def assert_close(a: dict, b: dict, rtol: float = 1e-5) -> None:
+    """Two loss curves over the same steps, equal to a relative `rtol`."""
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=rtol), step
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Two consolidated checkpoints' tensors (moments among them), bit for bit."""
+    assert a.keys() == b.keys() and any(k.startswith("optim/exp_avg/") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from fsdp_check import BASE
 
 from xpar.checks import UserError
@@ -17,7 +16,7 @@ from xpar.model import MoETransformerLM
 from xpar.parallel.parallelize import expert_parameter_names
 
 from distributed import assert_all_ok, one_line_on_every_rank, run_ranks, torchrun
-from jobs import build, run_cli
+from jobs import assert_close, assert_same_tensors, build, train
 
 CHECK = str(Path(__file__).parent / "fsdp_check.py")
 # Micro-batches of 2 rows with the balancing loss per rank and micro-batch: the same loss at
@@ -35,28 +34,8 @@ RUN = [
 FSDP = ["parallel.shard=fsdp", "parallel.ep_size=2"]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {x["step"]: x["loss"] for x in lines if "loss" in x}
-
-
 def cli(tmp: Path, name: str, nproc: int, extra: list[str]) -> dict[int, float]:
-    args = [*RUN, *extra, f"run_name={name}"]
-    proc = run_cli(args, cwd=tmp) if nproc == 1 else torchrun(args, nproc, cwd=tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return losses(tmp / "runs" / name)
-
-
-def assert_close(a: dict, b: dict, rtol: float = 1e-5) -> None:
-    assert sorted(a) == sorted(b)
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=rtol), step
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and any(k.startswith("optim/exp_avg/") for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    return train(tmp, name, nproc, [*RUN, *extra])
 
 
 def last_json(results) -> list[dict]:

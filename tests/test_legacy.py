@@ -50,7 +50,10 @@ def test_resuming_a_first_format_checkpoint_names_the_converter(tmp_path):
     assert f"convert it once with `python -m xpar.export {step2} NEW_DIR`" in lines[0]
 
 
-@pytest.mark.parametrize("name,rel", [("plain", 0.0), ("zero", 1e-5)])
+# The logged losses come from the machine that wrote the fixtures: another CPU's kernels (AVX2
+# against AVX-512, say) round differently, so a plain resume matches them to a relative 1e-6,
+# not bit for bit (bitwise resume on one machine is tests/test_checkpoint.py's).
+@pytest.mark.parametrize("name,rel", [("plain", 1e-6), ("zero", 1e-5)])
 def test_converted_checkpoints_resume_with_the_logged_losses(tmp_path, name, rel):
     run = copy_run(name, tmp_path)
     converted = export(run / "checkpoints" / "step_2", tmp_path / "converted")

@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from zero_check import BASE
 
 from xpar.checks import UserError
@@ -20,34 +19,19 @@ from xpar.persist import read_model
 from xpar.training.zero import deepspeed_config, optimizer_groups
 
 from distributed import assert_all_ok, one_line_on_every_rank, run_ranks, torchrun
-from jobs import FAST, build, run_cli
+from jobs import FAST, assert_same_tensors, build, losses, run_cli, train
+from jobs import assert_close as curves_close
 
 STEPS = ["trainer.max_steps=10", "trainer.log_every=1", "trainer.eval_every=10"]
 RUN = [*BASE, *STEPS, "trainer.save_every=5"]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {x["step"]: x["loss"] for x in lines if "loss" in x}
-
-
 def cli(tmp: Path, name: str, nproc: int, extra: list[str]) -> dict[int, float]:
-    args = [*RUN, *extra, f"run_name={name}"]
-    proc = run_cli(args, cwd=tmp) if nproc == 1 else torchrun(args, nproc, cwd=tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return losses(tmp / "runs" / name)
+    return train(tmp, name, nproc, [*RUN, *extra])
 
 
 def assert_close(a: dict, b: dict, rtol: float = 1e-4) -> None:
-    assert sorted(a) == sorted(b)
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=rtol), step
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and any(k.startswith("optim/exp_avg/") for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    curves_close(a, b, rtol)
 
 
 def digest(path: Path) -> dict[str, str]:

@@ -83,9 +83,11 @@ def parallelize(
     model: MoETransformerLM, mesh: Mesh, cfg: ParallelConfig, train: str = "all"
 ) -> ParallelModel:
     """Apply expert and data parallelism to `model` (see the module docstring). A model built
-    on the meta device is materialised on the mesh's device and initialised afterwards
-    (init_weights draws every expert's weights from its global id, so EP size changes
-    nothing); a materialised one keeps its weights, each rank taking its experts' slice.
+    on the meta device is materialised and initialised on the host, so that every device and
+    EP size draws the same weights (init_weights draws every expert's from its global id), and
+    then moved to the mesh's device; under parallel.shard=fsdp it stays on the host, and FSDP
+    moves each unit to the device as it shards it, so the device never holds the whole model.
+    A materialised model keeps its weights, each rank taking its experts' slice.
     `train` is the finetune.train policy: what it does not train is frozen before a training
     backend sees the parameters."""
     layout = mesh.layout
@@ -101,7 +103,9 @@ def parallelize(
                 stats_group=mesh.world_group if cfg.reduce_aux_stats else None,
             )
     if model.embed.weight.is_meta:
-        model.to_empty(device=mesh.device)
+        model.to_empty(device="cpu")
         model.init_weights()
+        if cfg.shard != "fsdp":
+            model.to(mesh.device)
     apply_policy(model, train)
     return ParallelModel(model, mesh)

@@ -24,7 +24,9 @@ host memory (`Plan.host_bytes`) and the GPU holds only those buffers and the act
 1 / ranks shards in transit are left out).
 
 A job fits when the peak, plus RESERVE_GIB for the CUDA context and the cuBLAS/NCCL
-workspaces, is within the GPU's memory.
+workspaces, is within the GPU's memory, and the host holds what it must: the model in fp32 as
+parallelize() initialises it there at start-up (dense whole, this rank's experts), and under
+offload the model state.
 """
 
 from __future__ import annotations
@@ -118,6 +120,9 @@ class Plan:
     time: StepTime
     memory_bytes: float  # the GPU's
     host_memory_bytes: float  # the GPU's share of its node's
+    # The model as parallelize() builds it in host memory before any backend takes it: fp32,
+    # dense whole and this rank's experts.
+    startup_host_bytes: int = 0
 
     @property
     def stage(self) -> int:
@@ -139,7 +144,7 @@ class Plan:
 
     @property
     def fits_host(self) -> bool:
-        return self.host_bytes <= self.host_memory_bytes
+        return max(self.host_bytes, self.startup_host_bytes) <= self.host_memory_bytes
 
     @property
     def fits(self) -> bool:
@@ -272,6 +277,7 @@ def plan_job(cfg: TrainConfig, cluster: Cluster, inv: ParamInventory | None = No
     return Plan(
         P, tc.recompute, backend, micro, accum, state, acts, buffers, time,
         cluster.gpu.memory_gib * GIB, cluster.gpu.host_memory_gib * GIB,
+        FP32 * (inv.total - (inv.expert_trained + inv.frozen_expert) * (P - 1) // P),
     )  # fmt: skip
 
 

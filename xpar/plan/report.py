@@ -62,12 +62,16 @@ def memory_table(p: Plan) -> list[str]:
         f"  {'peak allocated':<27} {'':>9} {'':>9} {_gib(p.peak_bytes)}  of "
         f"{p.memory_bytes / GIB:.1f} GiB with {RESERVE_GIB:g} GiB reserved: {verdict}"
     )
+    verdict = "fits" if p.fits_host else "does NOT fit"
+    share = f"{p.host_memory_bytes / GIB:.1f} GiB a GPU's share of its node's: {verdict}"
     if p.backend.offload:
-        verdict = "fits" if p.fits_host else "does NOT fit"
         lines.append(
-            f"  {'host memory (model state)':<27} {'':>9} {'':>9} {_gib(p.host_bytes)}  of "
-            f"{p.host_memory_bytes / GIB:.1f} GiB a GPU's share of its node's: {verdict}"
+            f"  {'host memory (model state)':<27} {'':>9} {'':>9} {_gib(p.host_bytes)}  of {share}"
         )
+    lines.append(
+        f"  {'host at start-up (fp32)':<27} {'':>9} {'':>9} {_gib(p.startup_host_bytes)}  of "
+        f"{share}"
+    )
     return lines
 
 
@@ -143,6 +147,7 @@ def as_json(plan: Plan) -> dict[str, Any]:
             "gpu": plan.memory_bytes,
             "reserve": RESERVE_GIB * GIB,
             "host": plan.host_bytes,
+            "startup_host": plan.startup_host_bytes,
             "host_memory": plan.host_memory_bytes,
         },
         "fits": plan.fits,

@@ -53,10 +53,10 @@ from xpar.config import TrainConfig
 from xpar.moe import GroupedExperts
 from xpar.parallel.mesh import join_process_group
 from xpar.parallel.parallelize import ParallelModel, expert_parameter_names
-from xpar.persist.fragments import MODEL, MOMENTS, like, optim_key
+from xpar.persist.fragments import MODEL
 from xpar.persist.sharded import Fragment
-from xpar.training.backend import Read, StepOutcome
-from xpar.training.optim import adamw_state, build_optimizer
+from xpar.training.optim import build_optimizer
+from xpar.training.plain import TorchAdamWBackend
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def shard_range(t: DTensor) -> tuple[int, int]:
     return first, min(chunk, rows - first)
 
 
-class FsdpBackend:
+class FsdpBackend(TorchAdamWBackend):
     """See the module docstring. A world of one works too (CPU offload on one GPU)."""
 
     name = "fsdp"
@@ -143,9 +143,6 @@ class FsdpBackend:
         self.root.set_requires_gradient_sync(last or self.reduce_micro_steps)
         yield self.root
 
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
     @torch.no_grad()
     def clip_grad_norm(self) -> Tensor:
         """Scale the expert gradients (see the module docstring), then clip by the norm of the
@@ -171,12 +168,6 @@ class FsdpBackend:
                 if grads:
                     torch._foreach_mul_(grads, coef.to(grads[0].device))
         return norm
-
-    def step(self, loss_finite: bool, finite: bool) -> StepOutcome:
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(applied=finite)
 
     def local_bytes(self) -> dict[str, dict[str, int]]:
         """Bytes of this rank's rows of the parameters and of their AdamW state (moments and
@@ -213,30 +204,6 @@ class FsdpBackend:
             if (fragment := self._fragment(name, t)) is not None:
                 out[MODEL + name] = fragment
         return out
-
-    def _optimizer_state(self, model: dict[str, Fragment]) -> dict[str, Fragment]:
-        group_of = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
-        out = {}
-        for name, p in self.pm.module.named_parameters():
-            if not p.requires_grad or MODEL + name not in model:
-                continue
-            state = adamw_state(self.optimizer, p, group_of[id(p)])
-            for kind in MOMENTS:
-                out[optim_key(kind, name)] = like(model[MODEL + name], state[kind].to_local())
-            out[optim_key("step", name)] = Fragment.whole(state["step"].view(1))
-        return out
-
-    def state(self) -> dict[str, Fragment]:
-        model = self.model_state()
-        return {**model, **self._optimizer_state(model)}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load(self, read: Read, extra: dict[str, Any]) -> None:
-        model = self.model_state()
-        read(model)
-        read(self._optimizer_state(model))
 
 
 def _local_grads(params: list[nn.Parameter]) -> list[Tensor]:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from xpar.config import OptimConfig
@@ -37,7 +38,57 @@ _NO_BUFFER_SYNC = (
 )
 
 
-class PlainBackend:
+class TorchAdamWBackend:
+    """What xpar's own backend and FSDP2's (xpar.training.fsdp) share: torch's AdamW over the
+    module's own parameters (whole tensors, or DTensor shards), a step the loop's verdict
+    skips, and checkpoints of this rank's fragments of the model (`model_state`) with AdamW's
+    state laid out like them."""
+
+    pm: ParallelModel
+    optimizer: torch.optim.AdamW
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self, loss_finite: bool, finite: bool) -> StepOutcome:
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(applied=finite)
+
+    def model_state(self) -> dict[str, Fragment]:
+        raise NotImplementedError
+
+    def _optimizer_state(self, model: dict[str, Fragment]) -> dict[str, Fragment]:
+        """`optim/*` of every trained parameter with a fragment in `model` (an FSDP rank past a
+        tensor's rows has none): the moments like that fragment, and the step."""
+        group_of = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
+        out = {}
+        for name, p in self.pm.module.named_parameters():
+            if not p.requires_grad or MODEL + name not in model:
+                continue
+            state = adamw_state(self.optimizer, p, group_of[id(p)])
+            for kind in MOMENTS:
+                moment = state[kind]
+                local = moment.to_local() if isinstance(moment, DTensor) else moment
+                out[optim_key(kind, name)] = like(model[MODEL + name], local)
+            out[optim_key("step", name)] = Fragment.whole(state["step"].view(1))
+        return out
+
+    def state(self) -> dict[str, Fragment]:
+        model = self.model_state()
+        return {**model, **self._optimizer_state(model)}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load(self, read: Read, extra: dict[str, Any]) -> None:
+        model = self.model_state()
+        read(model)
+        read(self._optimizer_state(model))
+
+
+class PlainBackend(TorchAdamWBackend):
     """See the module docstring. In a world of one every collective is skipped."""
 
     name = "plain"
@@ -62,18 +113,9 @@ class PlainBackend:
         with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
             yield self.ddp or self.pm.module
 
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
     def clip_grad_norm(self) -> Tensor:
         self._reduce_expert_grads()
         return self._clip()
-
-    def step(self, loss_finite: bool, finite: bool) -> StepOutcome:
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(applied=finite)
 
     def _reduce_expert_grads(self) -> None:
         """Sum expert gradients over the EDP group and divide by the world size (see module
@@ -112,27 +154,3 @@ class PlainBackend:
 
     def model_state(self) -> dict[str, Fragment]:
         return module_fragments(self.pm.module, self.pm.mesh.layout)
-
-    def _optimizer_state(self, model: dict[str, Fragment]) -> dict[str, Fragment]:
-        group_of = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
-        out = {}
-        for name, p in self.pm.module.named_parameters():
-            if not p.requires_grad:
-                continue
-            state = adamw_state(self.optimizer, p, group_of[id(p)])
-            for kind in MOMENTS:
-                out[optim_key(kind, name)] = like(model[MODEL + name], state[kind])
-            out[optim_key("step", name)] = Fragment.whole(state["step"].view(1))
-        return out
-
-    def state(self) -> dict[str, Fragment]:
-        model = self.model_state()
-        return {**model, **self._optimizer_state(model)}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load(self, read: Read, extra: dict[str, Any]) -> None:
-        model = self.model_state()
-        read(model)
-        read(self._optimizer_state(model))
