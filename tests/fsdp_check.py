@@ -27,6 +27,7 @@ import torch.distributed as dist
 from xpar.parallel.mesh import Mesh, init_mesh, world_from_env
 from xpar.parallel.parallelize import expert_parameter_names
 from xpar.training.fsdp import shard_range
+from xpar.training.plain import local_shard
 from xpar.training.trainer import Trainer
 
 from jobs import FAST, build
@@ -76,6 +77,23 @@ def full_grad(trainer: Trainer, name: str, p: torch.nn.Parameter, experts: set[s
     parts = [torch.empty_like(g) for _ in range(trainer.mesh.layout.ep_size)]
     dist.all_gather(parts, g.contiguous(), group=trainer.mesh.ep_group)
     return torch.cat(parts)
+
+
+def local_bytes(trainer: Trainer, experts: set[str]) -> dict[str, dict[str, int]]:
+    """Bytes of this rank's rows of the parameters and of their AdamW state (moments and
+    steps), as the tensors hold them (FSDP's storage pads the last ranks' rows to a whole
+    chunk; this counts the rows)."""
+    out = {"params": {"dense": 0, "expert": 0}, "optimizer": {"dense": 0, "expert": 0}}
+    for name, p in trainer.model.named_parameters():
+        kind = "expert" if name in experts else "dense"
+        out["params"][kind] += nbytes(local_shard(p))
+        for t in trainer.optimizer.state.get(p, {}).values():
+            out["optimizer"][kind] += nbytes(local_shard(t))
+    return out
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def expected_bytes(trainer: Trainer, experts: set[str]) -> dict[str, dict[str, int]]:
@@ -130,7 +148,7 @@ def grads(out: Path, extra: list[str]) -> dict:
             pairs = zip(*curves.values(), strict=True)
             results[case]["loss_rel_diff"] = max(abs(a - b) / b for a, b in pairs)
         results[case] |= {
-            "bytes": sharded.backend.local_bytes(),
+            "bytes": local_bytes(sharded, experts),
             "expected": expected_bytes(sharded, experts),
         }
     layout = mesh.layout

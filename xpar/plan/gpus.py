@@ -9,7 +9,7 @@ Two host figures are assumptions, not data-sheet ones: `host_memory_gib`, a GPU'
 node's memory (2 TiB a node of 8, as in a DGX H100/H200), which the offloaded state must fit
 in; and `host_adamw_gbps`, the rate, in bytes of AdamW's traffic (xpar.plan.timing), at which
 the CPU steps one GPU's offloaded shards (its share of the node's memory bandwidth, through
-torch's CPU AdamW, one tensor at a time). Any of them can be overridden on the command line
+torch's CPU AdamW with its foreach kernels). Any of them can be overridden on the command line
 (`--peak-tflops`, `--memory-gib`, `--nvlink-gbps`, `--network-gbps`, `--pcie-gbps`,
 `--host-memory-gib`, `--host-adamw-gbps`).
 """

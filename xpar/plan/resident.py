@@ -8,18 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from xpar.plan.state import Split, StateBytes
+from xpar.training.plain import local_shard
 
 
 def _bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP's), or `t` itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _split(pairs: list[tuple[bool, torch.Tensor]]) -> Split:
@@ -35,11 +30,13 @@ def resident_state(trainer: Any) -> StateBytes:
     step (AdamW's state exists) and a backward pass (gradients exist, for deepspeed=none)."""
     experts = {id(p) for p in trainer.pm.expert_params}
     params = list(trainer.model.parameters())
-    weights = _split([(id(p) in experts, _local(p)) for p in params])
+    weights = _split([(id(p) in experts, local_shard(p)) for p in params])
     if trainer.backend.name in ("plain", "fsdp"):  # fsdp: its sharded fp32 weights are masters
         state = trainer.backend.optimizer.state
-        moments = [(id(p) in experts, _local(t)) for p in params for t in state.get(p, {}).values()]
-        grads = [(id(p) in experts, _local(p.grad)) for p in params if p.grad is not None]
+        moments = [
+            (id(p) in experts, local_shard(t)) for p in params for t in state.get(p, {}).values()
+        ]
+        grads = [(id(p) in experts, local_shard(p.grad)) for p in params if p.grad is not None]
         return StateBytes(weights, _split(grads), _split(moments), Split())
     zero = trainer.backend.zero
     grads, moments, masters = [], [], []

@@ -36,6 +36,7 @@ from xpar.model import MoETransformerLM
 from xpar.model.trainable import apply_policy, head_names
 from xpar.moe import GroupedExperts
 from xpar.parallel.parallelize import expert_parameter_names
+from xpar.training.fsdp import shard_rows
 from xpar.training.optim import group_params
 
 FP32 = 4
@@ -206,11 +207,6 @@ def chunk(rows: int, ranks: int) -> int:
     return -(-rows // ranks)
 
 
-def own_rows(rows: int, ranks: int, index: int) -> int:
-    """The rows shard `index` of `ranks` holds of `rows` (the last ones fewer, or none)."""
-    return max(min(chunk(rows, ranks), rows - index * chunk(rows, ranks)), 0)
-
-
 @dataclass(frozen=True)
 class Sharding:
     """How a unit is sharded on one rank: the unit's rows per parameter (an expert bank's E / P
@@ -256,7 +252,7 @@ def fsdp_state_bytes(
             weights[unit.expert] += padded
             if s.trained:
                 grads[unit.expert] += padded
-                own = own_rows(rows, sh.ranks, sh.index) * s.row
+                own = shard_rows(rows, sh.ranks, sh.index)[1] * s.row
                 optimizer[unit.expert] += 2 * FP32 * own + STEP_BYTES
 
     def split(d: dict[bool, int]) -> Split:

@@ -69,15 +69,18 @@ def dense_mesh(device_type: str, world: int, shard_size: int | None) -> DeviceMe
     return init_device_mesh(device_type, (world // S, S), mesh_dim_names=("replicate", "shard"))
 
 
-def shard_range(t: DTensor) -> tuple[int, int]:
-    """(first row, rows) of the global tensor that this rank's dim-0 shard of `t` holds: FSDP
-    cuts dim 0 into chunks of ceil(rows / ranks), as torch.chunk does."""
-    (dim,) = [i for i, p in enumerate(t.placements) if p.is_shard()]
-    ranks, index = t.device_mesh.size(dim), t.device_mesh.get_local_rank(dim)
-    rows = t.shape[0]
+def shard_rows(rows: int, ranks: int, index: int) -> tuple[int, int]:
+    """(first row, rows) that shard `index` of `ranks` holds of `rows`: FSDP cuts dim 0 into
+    chunks of ceil(rows / ranks), as torch.chunk does (the last shorter, or empty)."""
     chunk = -(-rows // ranks)
     first = min(index * chunk, rows)
     return first, min(chunk, rows - first)
+
+
+def shard_range(t: DTensor) -> tuple[int, int]:
+    """(first row, rows) of the global tensor that this rank's dim-0 shard of `t` holds."""
+    (dim,) = [i for i, p in enumerate(t.placements) if p.is_shard()]
+    return shard_rows(t.shape[0], t.device_mesh.size(dim), t.device_mesh.get_local_rank(dim))
 
 
 class FsdpBackend(TorchAdamWBackend):
@@ -117,7 +120,6 @@ class FsdpBackend(TorchAdamWBackend):
             fully_shard(block, mesh=self.dense_mesh, **policy)
         fully_shard(module, mesh=self.dense_mesh, **policy)
         pm.rebind_params()
-        self.root = module
         # Offloaded, AdamW steps the host's shards: torch's multi-tensor kernels (foreach), which
         # it takes by default only on CUDA.
         self.optimizer = build_optimizer(
@@ -140,8 +142,8 @@ class FsdpBackend(TorchAdamWBackend):
     def micro_step(self, last: bool) -> Iterator[Any]:
         # Accumulating micro-steps keep whole gradients and the last one reduce-scatters them,
         # unless parallel.reduce_micro_steps reduces each into the shards.
-        self.root.set_requires_gradient_sync(last or self.reduce_micro_steps)
-        yield self.root
+        self.pm.module.set_requires_gradient_sync(last or self.reduce_micro_steps)
+        yield self.pm.module
 
     @torch.no_grad()
     def clip_grad_norm(self) -> Tensor:
@@ -168,18 +170,6 @@ class FsdpBackend(TorchAdamWBackend):
                 if grads:
                     torch._foreach_mul_(grads, coef.to(grads[0].device))
         return norm
-
-    def local_bytes(self) -> dict[str, dict[str, int]]:
-        """Bytes of this rank's rows of the parameters and of their AdamW state (moments and
-        steps), dense and expert apart; FSDP's storage pads the last ranks' rows to a whole
-        chunk (xpar.plan.resident counts the storage)."""
-        out = {"params": {"dense": 0, "expert": 0}, "optimizer": {"dense": 0, "expert": 0}}
-        for name, p in self.pm.module.named_parameters():
-            kind = "expert" if name in self._expert_names else "dense"
-            out["params"][kind] += _nbytes(p.to_local())
-            for t in self.optimizer.state.get(p, {}).values():
-                out["optimizer"][kind] += _nbytes(t.to_local() if isinstance(t, DTensor) else t)
-        return out
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -209,7 +199,3 @@ class FsdpBackend(TorchAdamWBackend):
 def _local_grads(params: list[nn.Parameter]) -> list[Tensor]:
     """This rank's shards of the gradients there are."""
     return [p.grad.to_local() for p in params if p.grad is not None]
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()

@@ -38,6 +38,11 @@ _NO_BUFFER_SYNC = (
 )
 
 
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (an FSDP parameter, gradient or moment), or `t` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class TorchAdamWBackend:
     """What xpar's own backend and FSDP2's (xpar.training.fsdp) share: torch's AdamW over the
     module's own parameters (whole tensors, or DTensor shards), a step the loop's verdict
@@ -69,9 +74,7 @@ class TorchAdamWBackend:
                 continue
             state = adamw_state(self.optimizer, p, group_of[id(p)])
             for kind in MOMENTS:
-                moment = state[kind]
-                local = moment.to_local() if isinstance(moment, DTensor) else moment
-                out[optim_key(kind, name)] = like(model[MODEL + name], local)
+                out[optim_key(kind, name)] = like(model[MODEL + name], local_shard(state[kind]))
             out[optim_key("step", name)] = Fragment.whole(state["step"].view(1))
         return out
 
