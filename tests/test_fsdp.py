@@ -13,9 +13,10 @@ from fsdp_check import BASE
 from xpar.checks import UserError
 from xpar.export import consolidate
 from xpar.model import MoETransformerLM
+from xpar.parallel import ParallelConfig, check_layout
 from xpar.parallel.parallelize import expert_parameter_names
 
-from distributed import assert_all_ok, one_line_on_every_rank, run_ranks, torchrun
+from distributed import assert_all_ok, run_ranks
 from jobs import assert_close, assert_same_tensors, build, train
 
 CHECK = str(Path(__file__).parent / "fsdp_check.py")
@@ -170,8 +171,8 @@ def test_bad_fsdp_settings_are_one_line_errors(overrides, named):
     assert named in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.distributed
-def test_a_shard_size_that_does_not_divide_the_world_fails_on_every_rank(tmp_path):
-    args = [*RUN, *FSDP, "parallel.shard_size=3", "run_name=bad"]
-    proc = torchrun(args, 2, cwd=tmp_path, timeout=120, monitor=15)
-    one_line_on_every_rank(proc, 2, "parallel.shard_size=3")
+def test_a_shard_size_that_does_not_divide_the_world_is_refused_before_any_collective():
+    # check_layout runs on every rank before the process group (test_parallel_train.py
+    # launches a bad layout to show each rank's one line and no hang).
+    with pytest.raises(UserError, match=r"parallel\.shard_size=3 does not divide the world size 2"):
+        check_layout(ParallelConfig(shard="fsdp", shard_size=3), None, 2)

@@ -57,7 +57,7 @@ SKIPPED = {
     "launch/debug.sh model=moe_300m data.vocab_size=1024 trainer.max_steps=20": GPU_FIRST_RUN,
     "python -m xpar.train [group=option ...] [key=value ...]": "a synopsis: [...] are placeholders",
     "python -m xpar.train model=moe_300m data.vocab_size=1024 deepspeed=zero2 trainer.precision=bf16": (  # noqa: E501
-        "a GPU: moe_300m in bf16 (tests/test_train_cli.py trains moe_300m two steps on the CPU)"
+        "a GPU: moe_300m in bf16 (tests/test_train_cli.py trains moe_300m a step on the CPU)"
     ),
     "python -m xpar.train logger=wandb logger.project=my-moe experiment=synthetic_two_level": (
         "W&B online needs WANDB_API_KEY and the network (tests/test_tracking.py and "

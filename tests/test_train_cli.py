@@ -208,16 +208,16 @@ def test_corrupt_checkpoint_on_resume_is_one_line_and_left_alone(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
 
 
-def test_the_moe_300m_preset_trains_two_steps_on_cpu(tmp_path):
+def test_the_moe_300m_preset_trains_a_step_on_cpu(tmp_path):
     args = ["model=moe_300m", "data.vocab_size=1024", "data.seq_len=16", "data.batch_size=2"]
-    args += ["data.num_train=64", "data.num_val=8", "trainer.device=cpu", "trainer.max_steps=2"]
-    args += ["trainer.eval_every=2", "trainer.eval_batches=1", "trainer.log_every=1"]
+    args += ["data.num_train=64", "data.num_val=8", "trainer.device=cpu", "trainer.max_steps=1"]
+    args += ["trainer.eval_every=1", "trainer.eval_batches=1", "trainer.log_every=1"]
     proc = run_cli([*args, "trainer.progress=false", "run_name=m"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (tmp_path / "runs" / "m" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(x) for x in lines if '"loss"' in x]
-    assert [s["step"] for s in steps] == [1, 2]
-    assert all(abs(s["loss"] - 10.4) < 0.5 for s in steps)  # ~ln(32768): uniform at init
+    assert [s["step"] for s in steps] == [1]
+    assert abs(steps[0]["loss"] - 10.4) < 0.5  # ~ln(32768): uniform at init
 
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
