@@ -5,7 +5,11 @@ outputs and all gradients must equal the single-process layer run on each rank's
 the same weights (per-rank capacity), which for dropless routing is the layer run on the union
 of all batches.
 
-    python ep_layer_check.py EP_SIZE
+    python ep_layer_check.py EP_SIZE [RANKS_PER_NODE ...]
+
+With RANKS_PER_NODE the cases run again with the hierarchical dispatcher, the EP group's ranks
+placed on nodes of that many ranks (a layout the machine need not have: it is only where the
+hops' groups are cut), and its traffic per link class is counted against the routing.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch.distributed as dist
 from xpar.config import ParallelConfig
 from xpar.moe import MoEConfig, MoELayer
 from xpar.parallel.dispatcher import AllToAllDispatcher
-from xpar.parallel.mesh import init_mesh
+from xpar.parallel.mesh import EPNodes, ep_nodes, init_mesh
 from xpar.parallel.parallelize import shard_experts
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -69,7 +73,9 @@ def reference(layer: MoELayer, xs, gs):
     return outs, x_grads
 
 
-def check_case(name: str, routing: dict, cf, skewed: bool, mesh, dedup: bool) -> None:
+def check_case(
+    name: str, routing: dict, cf, skewed: bool, mesh, dedup: bool, nodes: EPNodes | None = None
+) -> None:
     layout = mesh.layout
     if skewed:  # all on rank 0, which holds experts 0 and 1 at EP=4 (group 0)
         routing = (
@@ -81,7 +87,7 @@ def check_case(name: str, routing: dict, cf, skewed: bool, mesh, dedup: bool) ->
     ref = build(cfg, skewed)
     ep = copy.deepcopy(ref)
     shard_experts(ep, layout)
-    ep.dispatcher = AllToAllDispatcher(cfg, mesh.ep_group, layout.ep_size, dedup=dedup)
+    ep.dispatcher = AllToAllDispatcher(cfg, mesh.ep_group, layout.ep_size, dedup=dedup, nodes=nodes)
     xs = batches(layout.world, skewed)
     gen = torch.Generator().manual_seed(99)
     gs = [torch.randn(T, D, generator=gen) for _ in range(layout.world)]
@@ -105,12 +111,15 @@ def check_case(name: str, routing: dict, cf, skewed: bool, mesh, dedup: bool) ->
         else:
             dist.all_reduce(grad)  # dense: each rank saw its own batch
         close(grad, ref_grad, f"{name} grad {pname}")
-    if skewed and layout.ep_rank > 0:  # this rank's experts got no token: zeros, not None
+    if skewed and layout.ep_rank * ep.experts.num_experts >= cfg.top_k:  # no token came:
+        # the experts' gradients are zeros, not None
         assert all(torch.count_nonzero(p.grad) == 0 for p in ep.experts.parameters()), name
     ref_drops = [ref(x_)[1].dropped_fraction for x_ in xs]
     assert abs(aux.dropped_fraction - ref_drops[r]) < 1e-6, (name, aux.dropped_fraction)
-    if dedup:
+    if dedup and nodes is None:
         check_dedup(name, ep, xs[r], aux)
+    if nodes is not None and cf is None:
+        check_links(name, ep, xs, aux, layout, nodes)
 
 
 def check_dedup(name, layer, x, aux) -> None:
@@ -125,7 +134,46 @@ def check_dedup(name, layer, x, aux) -> None:
     assert aux.a2a.rows <= aux.a2a.pair_rows, name
 
 
-def check_empty_rank(mesh) -> None:
+def check_links(name, layer, xs, aux, layout, nodes: EPNodes) -> None:
+    """Rows per link class equal the routing's count. Inter-node: flat sends one row per
+    (token, rank) pair (dedup) or slot off the node, hierarchical one per distinct other node
+    a token needs. Intra-node (hierarchical): this rank forwards, for every token of the ranks
+    sharing its local index, one row per rank of its node other than itself (dedup) or slot."""
+    X, L, P = layer.dispatcher.local_experts, nodes.per_node, layout.ep_size
+    dedup = layer.dispatcher.dedup
+    node_of = nodes.node_of
+    me = layout.ep_rank
+    base = layout.rank - me
+
+    def ranks(x):
+        return layer.router(x).topk_idx_TK // X
+
+    rank_TK = ranks(xs[layout.rank])
+    if not nodes.hierarchical:
+        off = [node_of[p] != node_of[me] for p in range(P)]
+        if dedup:
+            inter = sum(sum(off[int(p)] for p in set(row.tolist())) for row in rank_TK)
+        else:
+            inter = sum(off[int(p)] for p in rank_TK.flatten())
+        assert aux.a2a.inter_rows == inter, (name, aux.a2a.inter_rows, inter)
+        return
+    node_TK = rank_TK // L
+    touched = [set(row.tolist()) - {me // L} for row in node_TK]
+    inter = sum(len(t) for t in touched)
+    assert aux.a2a.inter_rows == inter, (name, aux.a2a.inter_rows, inter)
+    cfg = layer.cfg
+    if cfg.router == "two_level" and cfg.num_groups % (P // L) == 0:  # groups on nodes
+        top = cfg.top_groups
+        assert all(len(set(row.tolist())) <= top for row in node_TK), name
+    intra = 0
+    for src in range(me % L, P, L):  # the ranks that forward through this one
+        for row in ranks(xs[base + src]).tolist():
+            mine = [p for p in row if p // L == me // L and p != me]
+            intra += len(set(mine)) if dedup else len(mine)
+    assert aux.a2a.intra_rows == intra, (name, aux.a2a.intra_rows, intra)
+
+
+def check_empty_rank(mesh, nodes: EPNodes | None = None) -> None:
     """The last rank has no token at all: it still joins every exchange, sends and receives
     what it must, and its outputs are empty; everyone else matches the reference."""
     layout = mesh.layout
@@ -133,7 +181,7 @@ def check_empty_rank(mesh) -> None:
     ref = build(cfg, skewed=False)
     ep = copy.deepcopy(ref)
     shard_experts(ep, layout)
-    ep.dispatcher = AllToAllDispatcher(cfg, mesh.ep_group, layout.ep_size)
+    ep.dispatcher = AllToAllDispatcher(cfg, mesh.ep_group, layout.ep_size, nodes=nodes)
     xs = batches(layout.world, skewed=False)
     xs[-1] = xs[-1][:0]
     gs = [torch.randn_like(x) for x in xs]
@@ -171,19 +219,28 @@ def check_global_aux(mesh) -> None:
     close(grad, ref.router.gate.weight.grad, "global aux gradient")
 
 
-def main() -> None:
-    ep_size = int(sys.argv[1])
-    moe = MoEConfig(d_model=D, d_ff=12, num_experts=8, **ROUTINGS["two_level"])
-    mesh = init_mesh(ParallelConfig(ep_size=ep_size), moe, torch.device("cpu"))
+def run_cases(mesh, nodes: EPNodes | None, tag: str) -> None:
     for name, routing in ROUTINGS.items():
         for cf in (None, 1.0):
             for skewed in (False, True):
                 for dedup in (False, True):
-                    case = f"{name} cf={cf} skewed={skewed} dedup={dedup}"
-                    check_case(case, routing, cf, skewed, mesh, dedup)
-    check_empty_rank(mesh)
+                    case = f"{tag}{name} cf={cf} skewed={skewed} dedup={dedup}"
+                    check_case(case, routing, cf, skewed, mesh, dedup, nodes)
+    check_empty_rank(mesh, nodes)
+
+
+def main() -> None:
+    ep_size, per_node = int(sys.argv[1]), [int(a) for a in sys.argv[2:]]
+    moe = MoEConfig(d_model=D, d_ff=12, num_experts=8, **ROUTINGS["two_level"])
+    mesh = init_mesh(ParallelConfig(ep_size=ep_size), moe, torch.device("cpu"))
+    if not per_node:
+        run_cases(mesh, None, "")
     check_global_aux(mesh)
+    for L in per_node:
+        run_cases(mesh, ep_nodes(mesh.layout, L, hierarchical=False), f"flat {L}/node: ")
+        run_cases(mesh, ep_nodes(mesh.layout, L, hierarchical=True), f"hierarchical {L}/node: ")
     dist.barrier()
+    dist.destroy_process_group()  # gloo's threads torn down here, not at interpreter exit
     print(f"rank {mesh.layout.rank}: all cases match")
 
 

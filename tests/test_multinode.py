@@ -1,5 +1,6 @@
 """launch/torchrun.sh on two "nodes": two network namespaces joined by a veth pair, two
-processes each (EP=2 x DP=2), a c10d rendezvous on node 0's address and gloo over the veth.
+processes each (EP=4 over both nodes: the hierarchical all-to-all), a c10d rendezvous on node
+0's address and gloo over the veth.
 The loss curve is the one-process curve; when node 1 dies (SIGKILL, its launcher and workers)
 node 0 exits instead of hanging, and both nodes restarted resume the last checkpoint.
 
@@ -44,6 +45,7 @@ CONFIG = [
     f"trainer.eval_every={STEPS}",
     "trainer.eval_batches=2",
 ]
+EP_ACROSS_NODES = "parallel.ep_size=4"  # 2 nodes x 2 ranks: parallel.a2a is hierarchical
 RTOL = 1e-4  # the EP x DP parity tolerance of tests/test_parallel_train.py
 # A SIGKILLed process's sockets are closed by its kernel, so node 0's ranks see their
 # connections to node 1 drop and fail their collective at once, long before parallel.timeout_s
@@ -216,7 +218,7 @@ def test_two_nodes_train_like_one_process_and_resume_after_one_dies(tmp_path):
 
         # Both nodes train until node 1 dies a step or more past a checkpoint.
         run_dir = tmp_path / "runs/two"
-        procs = start(nodes, tmp_path, "train", [*CONFIG, "parallel.ep_size=2"])
+        procs = start(nodes, tmp_path, "train", [*CONFIG, EP_ACROSS_NODES])
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not (saved := complete_checkpoints(run_dir)) or max(curve(run_dir)) <= saved[-1]:
             assert time.monotonic() < deadline, f"no checkpoint written\n{logs(tmp_path)}"
@@ -233,13 +235,17 @@ def test_two_nodes_train_like_one_process_and_resume_after_one_dies(tmp_path):
         newest = complete_checkpoints(run_dir)[-1]
         assert newest < max(before) < STEPS
         assert_close(before, one)
+        # The EP group spans both nodes (2 ranks each, torchrun's LOCAL_WORLD_SIZE), so the
+        # hierarchical all-to-all ran: rows crossed to the other node and inside each node.
+        for record in before.values():
+            assert record["a2a_inter_rows"] > 0 and record["a2a_intra_rows"] > 0, record
         # gloo took the veth it was given: node 1's gradients crossed it, some MB a step
         sent = tx_bytes(nodes[1])
         assert sent > max(before) * 1_000_000, sent
 
         # Both nodes restarted: they resume the newest complete checkpoint and go on exactly
         # as the run would have.
-        args = [*CONFIG, "parallel.ep_size=2", "trainer.resume=true"]
+        args = [*CONFIG, EP_ACROSS_NODES, "trainer.resume=true"]
         wait_ok(start(nodes, tmp_path, "resume", args), tmp_path)
         log = (tmp_path / "resume.0.log").read_text()
         assert re.search(rf"resumed from \S+step_{newest} at step {newest}", log), log[-3000:]

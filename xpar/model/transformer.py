@@ -125,7 +125,8 @@ class Block(nn.Module):
     `recompute`: while training, the block keeps only its input for backward and runs again
     there (torch's non-reentrant checkpoint, which restores the RNG, so jitter noise repeats).
     Its MoE layer replays the routing of the forward pass (RoutingTape); under expert
-    parallelism the recompute sends the rows again, which `a2a_bytes` counts.
+    parallelism the recompute sends the rows again, which `a2a_bytes` (and its inter- and
+    intra-node parts) count.
     """
 
     def __init__(self, cfg: ModelConfig, moe: bool) -> None:
@@ -153,7 +154,13 @@ class Block(nn.Module):
             context_fn=lambda: (nullcontext(), tape.replay() if tape else nullcontext()),
         )
         if aux is not None and aux.a2a is not None:  # the recompute's dispatch and combine
-            aux.a2a = replace(aux.a2a, bytes=2 * aux.a2a.bytes)
+            a2a = aux.a2a
+            aux.a2a = replace(
+                a2a,
+                bytes=2 * a2a.bytes,
+                inter_bytes=2 * a2a.inter_bytes,
+                intra_bytes=2 * a2a.intra_bytes,
+            )
         return out_BSD, aux
 
     def _forward(

@@ -143,12 +143,18 @@ class _Combine(torch.autograd.Function):
 
 @dataclass
 class A2AStats:
-    """What one expert-parallel dispatch sent from this rank (dispatch and combine together)."""
+    """What one expert-parallel dispatch sent from this rank (dispatch and combine together).
+    Rows count one way, over every hop; bytes are the hidden states there and back plus the
+    slot metadata. Rows a rank keeps cross no link: they are in the totals only."""
 
-    rows: int  # rows sent by the all-to-all (one way)
+    rows: int  # rows sent by the all-to-alls
     pair_rows: int  # rows one per (token, expert) pair would have needed
-    bytes: int  # hidden states there and back plus the slot metadata
+    bytes: int
     recv_slots: int = 0  # (token, expert) slots this rank's experts computed
+    inter_rows: int = 0  # rows to ranks on other nodes
+    inter_bytes: int = 0
+    intra_rows: int = 0  # rows to other ranks of this rank's node
+    intra_bytes: int = 0
 
 
 @dataclass

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from xpar.checks import UserError, at_least, one_of
 
 SHARD_MODES = ("none", "fsdp")
+A2A_MODES = ("flat", "hierarchical")
 
 
 @dataclass
@@ -19,9 +20,17 @@ class ParallelConfig:
     # Balancing-loss statistics summed over all ranks (load balance is a property of the
     # global batch); false keeps them per rank.
     reduce_aux_stats: bool = True
-    # Send a token once per destination rank and expand it to its experts there. None: on for
+    # Send a token once per destination rank and expand it to its experts there (hierarchical
+    # a2a: in the hop inside a node; the hop across is once per node always). None: on for
     # two-level routing, whose groups live on ranks.
     dedup: bool | None = None
+    # Ranks a node holds (consecutive ranks share a node). None: torchrun's LOCAL_WORLD_SIZE,
+    # or the whole world without it.
+    ranks_per_node: int | None = None
+    # How tokens cross an EP group that spans nodes: flat (one all-to-all over the group), or
+    # hierarchical (xpar.parallel.dispatcher: once to each node a token needs, then inside the
+    # node). None: hierarchical when an EP group spans whole nodes, flat otherwise.
+    a2a: str | None = None
     timeout_s: int = 600  # a collective that waits longer fails instead of hanging
     # Parameter sharding (xpar.training.fsdp): none, or fsdp (PyTorch FSDP2: dense parameters,
     # gradients and optimizer state sharded over `shard_size` ranks, expert banks over their
@@ -43,6 +52,10 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         at_least("parallel.ep_size", self.ep_size, 1)
         at_least("parallel.timeout_s", self.timeout_s, 1)
+        if self.ranks_per_node is not None:
+            at_least("parallel.ranks_per_node", self.ranks_per_node, 1)
+        if self.a2a is not None:
+            one_of("parallel.a2a", self.a2a, A2A_MODES)
         one_of("parallel.shard", self.shard, SHARD_MODES)
         if self.shard_size is not None:
             at_least("parallel.shard_size", self.shard_size, 1)

@@ -47,10 +47,32 @@ def world_from_env() -> tuple[int, int, int]:
     return int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
 
 
+def ranks_per_node(parallel: ParallelConfig, world: int) -> int:
+    """parallel.ranks_per_node, else torchrun's LOCAL_WORLD_SIZE, else the whole world."""
+    if parallel.ranks_per_node is not None:
+        return parallel.ranks_per_node
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def hierarchical_a2a(parallel: ParallelConfig, world: int) -> bool:
+    """Whether the EP all-to-all runs in two hops (xpar.parallel.dispatcher): parallel.a2a, or
+    by default whenever an EP group spans whole nodes."""
+    P, L = parallel.ep_size, ranks_per_node(parallel, world)
+    spans_nodes = P > L and P % L == 0
+    return spans_nodes if parallel.a2a is None else parallel.a2a == "hierarchical"
+
+
 def check_layout(parallel: ParallelConfig, moe: MoEConfig | None, world: int) -> None:
     """Raise UserError unless the layout fits the world and the MoE layer. It looks only at the
-    config and the world size, so every rank reaches the same verdict before any collective."""
+    config, the world size and torchrun's node size, so every rank reaches the same verdict
+    before any collective."""
     P, S = parallel.ep_size, parallel.shard_size
+    L = ranks_per_node(parallel, world)
+    if world % L:
+        raise UserError(
+            f"parallel.ranks_per_node={L} does not divide the world size {world}: nodes hold "
+            f"equal numbers of consecutive ranks; set it to the processes a node runs"
+        )
     if S is not None and world % S:
         raise UserError(
             f"parallel.shard_size={S} does not divide the world size {world}: dense parameters "
@@ -62,6 +84,12 @@ def check_layout(parallel: ParallelConfig, moe: MoEConfig | None, world: int) ->
         raise UserError(
             f"parallel.ep_size={P} does not divide the world size {world}{launch}; use an "
             f"ep_size that divides the number of processes"
+        )
+    if parallel.a2a == "hierarchical" and not (P > L and P % L == 0):
+        raise UserError(
+            f"parallel.a2a=hierarchical needs each EP group to span whole nodes, but "
+            f"parallel.ep_size={P} is not a multiple of ranks_per_node={L} above it; use "
+            f"parallel.a2a=flat"
         )
     if P == 1:
         return
@@ -84,6 +112,41 @@ def check_layout(parallel: ParallelConfig, moe: MoEConfig | None, world: int) ->
         )
 
 
+@dataclass(frozen=True)
+class EPNodes:
+    """Where the ranks of this rank's EP group sit: `node_of` gives each EP rank's node (nodes
+    hold `per_node` consecutive ranks), and for the hierarchical all-to-all `inter` joins this
+    rank's peers of its local index (one a node) and `intra` the group's ranks on its node."""
+
+    node_of: tuple[int, ...]  # node of each EP rank, ep_size entries
+    per_node: int
+    inter: ProcessGroup | None = None
+    intra: ProcessGroup | None = None
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.inter is not None
+
+
+def ep_nodes(layout: Layout, per_node: int, hierarchical: bool) -> EPNodes:
+    """This rank's EPNodes. With `hierarchical` (each EP group spans whole nodes) it creates
+    the groups of both hops, a collective: every rank calls it, with the same arguments."""
+    P, L = layout.ep_size, per_node
+    base = layout.rank - layout.ep_rank
+    node_of = tuple((base + p) // L for p in range(P))
+    if not hierarchical:
+        return EPNodes(node_of, L)
+    starts = range(0, layout.world, P)
+    G = P // L
+    inter, _ = dist.new_subgroups_by_enumeration(
+        [[g + n * L + i for n in range(G)] for g in starts for i in range(L)]
+    )
+    intra, _ = dist.new_subgroups_by_enumeration(
+        [[g + n * L + i for i in range(L)] for g in starts for n in range(G)]
+    )
+    return EPNodes(node_of, L, inter, intra)
+
+
 @dataclass
 class Mesh:
     """The process groups of one job (all None in a world of one), and the few collectives
@@ -93,6 +156,7 @@ class Mesh:
     layout: Layout
     device: torch.device
     device_mesh: DeviceMesh | None = None
+    ep_nodes: EPNodes | None = None  # where the EP group's ranks sit (None: a world of one)
 
     @classmethod
     def solo(cls, device: torch.device | str = "cpu") -> Mesh:
@@ -169,8 +233,9 @@ def join_process_group(device: torch.device, timeout_s: int) -> None:
 
 
 def init_mesh(parallel: ParallelConfig, moe: MoEConfig | None, device: torch.device) -> Mesh:
-    """Check the layout, then (in a world of more than one) join the process group and build
-    the (edp, ep) device mesh on `device` (this rank's GPU, or the CPU)."""
+    """Check the layout, then (in a world of more than one) join the process group, build the
+    (edp, ep) device mesh on `device` (this rank's GPU, or the CPU) and place the EP ranks on
+    nodes (with the hierarchical all-to-all's groups where it applies)."""
     world, rank, _ = world_from_env()
     check_layout(parallel, moe, world)
     layout = Layout(world, rank, parallel.ep_size)
@@ -179,4 +244,5 @@ def init_mesh(parallel: ParallelConfig, moe: MoEConfig | None, device: torch.dev
     join_process_group(device, parallel.timeout_s)
     shape = (world // parallel.ep_size, parallel.ep_size)
     device_mesh = init_device_mesh(device.type, shape, mesh_dim_names=("edp", "ep"))
-    return Mesh(layout, device, device_mesh)
+    nodes = ep_nodes(layout, ranks_per_node(parallel, world), hierarchical_a2a(parallel, world))
+    return Mesh(layout, device, device_mesh, nodes)

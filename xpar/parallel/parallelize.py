@@ -101,6 +101,7 @@ def parallelize(
                 layout.ep_size,
                 dedup=dedup,
                 stats_group=mesh.world_group if cfg.reduce_aux_stats else None,
+                nodes=mesh.ep_nodes,
             )
     if model.embed.weight.is_meta:
         model.to_empty(device="cpu")

@@ -29,7 +29,16 @@ class StepStats:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # a task's, summed
 
 
-A2A_FIELDS = ("rows", "pair_rows", "bytes", "recv_slots")
+A2A_FIELDS = (
+    "rows",
+    "pair_rows",
+    "bytes",
+    "recv_slots",
+    "inter_rows",
+    "inter_bytes",
+    "intra_rows",
+    "intra_bytes",
+)
 
 
 class Tally:
@@ -102,18 +111,29 @@ class Tally:
 
 
 def _a2a_metrics(a2a_WF: Tensor) -> dict[str, Any]:
-    """Totals over ranks, and per rank (min/mean/max): rows and bytes each rank sent, and the
-    expert slots its experts computed (the straggler that sets an EP step's pace)."""
-    rows, pairs, nbytes, _ = a2a_WF.sum(0).tolist()
+    """Totals over ranks, and per rank (min/mean/max): rows and bytes each rank sent, split by
+    link class (to other nodes, to other ranks of its node), and the expert slots its experts
+    computed (the straggler that sets an EP step's pace)."""
+    col = dict(zip(A2A_FIELDS, a2a_WF.T, strict=True))
+    total = {name: int(c.sum()) for name, c in col.items()}
     out: dict[str, Any] = {
-        "a2a_rows": int(rows),
-        "a2a_pair_rows": int(pairs),
-        "a2a_bytes": int(nbytes),
-        "a2a_saving": 1.0 - rows / pairs,
+        "a2a_rows": total["rows"],
+        "a2a_pair_rows": total["pair_rows"],
+        "a2a_bytes": total["bytes"],
+        "a2a_saving": 1.0 - total["rows"] / total["pair_rows"],
     }
-    per_rank = {"a2a_rows": 0, "a2a_bytes": 2, "expert_slots": 3}
-    for name, i in per_rank.items():
-        col = a2a_WF[:, i]
-        stats = {"min": col.min(), "mean": col.mean(), "max": col.max()}
+    for link in ("inter", "intra"):
+        out[f"a2a_{link}_rows"] = total[f"{link}_rows"]
+        out[f"a2a_{link}_bytes"] = total[f"{link}_bytes"]
+    per_rank = {
+        "a2a_rows": "rows",
+        "a2a_bytes": "bytes",
+        "a2a_inter_bytes": "inter_bytes",
+        "a2a_intra_bytes": "intra_bytes",
+        "expert_slots": "recv_slots",
+    }
+    for name, field_name in per_rank.items():
+        c = col[field_name]
+        stats = {"min": c.min(), "mean": c.mean(), "max": c.max()}
         out.update({f"rank_{name}_{k}": float(v) for k, v in stats.items()})
     return out
