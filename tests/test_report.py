@@ -226,6 +226,55 @@ def test_dense_run_has_no_heatmap_and_says_why(runs, tmp_path):
     assert page.cells["moe"] == "none (dense model)"
 
 
+def a2a_line(step: int, inter_R: list[float], intra_R: list[float]) -> dict:
+    """A training line of an expert-parallel run whose ranks sent `inter_R` bytes across nodes
+    and `intra_R` inside their node, as the trainer logs it."""
+    line: dict = {"step": step, "loss": 4.0 - 0.1 * step, "a2a_bytes": sum(inter_R + intra_R)}
+    for link, bytes_R in (("inter", inter_R), ("intra", intra_R)):
+        line[f"a2a_{link}_bytes"] = sum(bytes_R)
+        for stat, reduce in {"min": np.min, "mean": np.mean, "max": np.max}.items():
+            line[f"rank_a2a_{link}_bytes_{stat}"] = float(reduce(bytes_R))
+    return line
+
+
+def test_ep_run_plots_a2a_traffic_and_sums_it_up(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rng = np.random.default_rng(0)
+    lines = [
+        a2a_line(s, rng.uniform(1e6, 9e6, 4).tolist(), rng.uniform(2e6, 3e6, 4).tolist())
+        for s in range(1, 9)
+    ]
+    lines[5]["rank_a2a_inter_bytes_max"] = 50e6  # a straggler
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    page = render(run, tmp_path / "rep")
+    assert "a2a.png" in [img["src"] for img in page.images]
+    image = imread(tmp_path / "rep" / "a2a.png")
+    assert image.shape[1] >= 600 and image[..., :3].std() > 0.05
+    text = "".join(page.text)
+    assert "All-to-all traffic" in text and "nothing crossed ranks" not in text
+    inter = np.mean([r["rank_a2a_inter_bytes_mean"] for r in lines]) / 1e6
+    intra = np.mean([r["rank_a2a_intra_bytes_mean"] for r in lines]) / 1e6
+    assert 1 < inter < 9 and 2 < intra < 3
+    numbers = report.summary(*report.read_metrics(run))
+    assert numbers["mean inter-node MB/rank/step"] == pytest.approx(inter)
+    assert numbers["mean intra-node MB/rank/step"] == pytest.approx(intra)
+    assert page.cells["mean inter-node MB/rank/step"] == f"{inter:.4f}"
+    assert page.cells["mean intra-node MB/rank/step"] == f"{intra:.4f}"
+
+
+def test_a_single_process_run_has_no_a2a_plot_and_says_why(runs, tmp_path):
+    page = render(runs["moe"], tmp_path / "rep")
+    assert "a2a.png" not in [img["src"] for img in page.images]
+    assert not (tmp_path / "rep" / "a2a.png").exists()
+    assert "No all-to-all metrics (single process or ep_size=1): nothing crossed ranks." in (
+        page.text
+    )
+    assert page.cells["mean inter-node MB/rank/step"] == "—"
+    assert page.cells["mean intra-node MB/rank/step"] == "—"
+
+
 def one_line_error(stderr: str, path: Path) -> None:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xpar: error: "), stderr

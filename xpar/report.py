@@ -1,8 +1,9 @@
 """`python -m xpar.report RUN_DIR [--out DIR]`: a static HTML report of one training run, for
 people without wandb. Reads RUN_DIR/metrics.jsonl (and .hydra/config.yaml when present) and
 writes OUT (default RUN_DIR/report/) holding index.html and its PNG plots: loss, expert load
-over steps, dropped fraction, throughput and learning rate. The page needs no network and no
-JavaScript; the report replaces an older one only once it has been written in full.
+over steps, dropped fraction, throughput, learning rate and all-to-all traffic (expert
+parallelism). The page needs no network and no JavaScript; the report replaces an older one
+only once it has been written in full.
 
 Shape suffixes: S logged steps, L MoE layers, E experts.
 """
@@ -33,6 +34,9 @@ CONFIG_FACTS = (
     "moe.capacity_factor", "parallel.ep_size", "deepspeed.stage", "data.batch_size",
     "data.seq_len", "trainer.max_steps",
 )  # fmt: skip
+MB = 1e6
+# Bytes per rank per step by link class: to ranks on other nodes, to other ranks of its node.
+A2A_LINKS = {"inter": "inter-node", "intra": "intra-node"}
 
 
 @dataclass
@@ -117,6 +121,7 @@ def summary(train: list[Record], evals: list[Record]) -> dict[str, float | int |
     _, tps = series(train, "tokens_per_s")
     _, skipped = series(train, "skipped_steps")
     best = int(np.argmin(val)) if len(val) else None
+    a2a = {link: series(train, f"rank_a2a_{link}_bytes_mean")[1] / MB for link in A2A_LINKS}
     return {
         "last step": max((r["step"] for r in train + evals), default=None),
         "final train loss": float(loss[-1]) if len(loss) else None,
@@ -128,6 +133,10 @@ def summary(train: list[Record], evals: list[Record]) -> dict[str, float | int |
         "final val gap": float(gap[-1]) if len(gap) else None,
         "mean tokens/s (last half)": float(tps[len(tps) // 2 :].mean()) if len(tps) else None,
         "skipped steps": int(skipped[-1]) if len(skipped) else None,
+        **{
+            f"mean {name} MB/rank/step": float(a2a[link].mean()) if len(a2a[link]) else None
+            for link, name in A2A_LINKS.items()
+        },
     }
 
 
@@ -196,6 +205,20 @@ def _throughput_figure(train: list[Record]) -> Figure:
     return fig
 
 
+def _a2a_figure(train: list[Record]) -> Figure:
+    fig = Figure(figsize=(10, 3))
+    ax = fig.add_subplot()
+    for (link, name), color in zip(A2A_LINKS.items(), ("tab:red", "tab:blue"), strict=True):
+        steps, mean = series(train, f"rank_a2a_{link}_bytes_mean")
+        ax.plot(steps, mean / MB, color=color, label=f"{name}, mean over ranks")
+        steps, top = series(train, f"rank_a2a_{link}_bytes_max")
+        ax.plot(steps, top / MB, color=color, ls="--", label=f"{name}, max over ranks")
+    ax.set(xlabel="step", ylabel="MB sent per rank")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
 CAPTIONS = {
     "loss": "Training loss per logged step, validation loss at each evaluation and the corpus' "
     "entropy floor (synthetic data only); below, the router's aux loss.",
@@ -205,6 +228,9 @@ CAPTIONS = {
     "tokens_per_s": "Training tokens per second over all ranks; MFU on the right axis when the "
     "peak FLOP/s is known (trainer.peak_tflops or a known GPU).",
     "lr": "Learning rate of the schedule per logged step.",
+    "a2a": "All-to-all bytes each rank sent per logged step (dispatch and combine), to ranks on "
+    "other nodes and to other ranks of its own node: the mean over ranks solid, the busiest "
+    "rank dashed, so a straggler shows as a gap between them.",
 }
 
 
@@ -229,6 +255,17 @@ def _load_section(train: list[Record], out: Path) -> Section:
     return Section("Expert load", CAPTIONS["expert_load"], None, why)
 
 
+def _a2a_section(train: list[Record], out: Path) -> Section:
+    title = "All-to-all traffic"
+    if any(len(series(train, f"rank_a2a_{link}_bytes_mean")[1]) for link in A2A_LINKS):
+        return Section(title, CAPTIONS["a2a"], _save(_a2a_figure(train), out, "a2a.png"))
+    if len(series(train, "a2a_bytes")[1]):
+        why = "All-to-all metrics lack the inter/intra-node split (an older run): plot omitted."
+    else:
+        why = "No all-to-all metrics (single process or ep_size=1): nothing crossed ranks."
+    return Section(title, CAPTIONS["a2a"], None, why)
+
+
 def plot_sections(train: list[Record], evals: list[Record], out: Path) -> list[Section]:
     """Draw every plot the metrics allow into `out`; a Section per plot, omitted ones noted."""
     sections = [_loss_section(train, evals, out), _load_section(train, out)]
@@ -243,6 +280,7 @@ def plot_sections(train: list[Record], evals: list[Record], out: Path) -> list[S
         else:
             why = f"No {key} values in metrics.jsonl: plot omitted."
             sections.append(Section(title, CAPTIONS[key], None, why))
+    sections.append(_a2a_section(train, out))
     return sections
 
 
