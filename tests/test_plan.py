@@ -1,11 +1,13 @@
 """The planner (`python -m xpar.plan`): its model-state bytes equal what a real run's tensors
-hold, its all-to-all rows equal xpar's own estimate on uniformly random routing, and its command
-line plans the big presets in seconds with the trainer's own errors for bad input."""
+hold, its all-to-all rows equal xpar's own estimate on uniformly random routing (and, flat or
+hierarchical, every route counted by hand on small layers), and its command line plans the big
+presets in seconds with the trainer's own errors for bad input."""
 
 from __future__ import annotations
 
 import json
 import sys
+from itertools import combinations
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from xpar.bench.a2a_estimate import traffic
 from xpar.model import get_preset
 from xpar.moe import MoEConfig
 from xpar.plan.__main__ import main
-from xpar.plan.traffic import rows_per_token
+from xpar.plan.traffic import nodes_touched, rows_per_token
 
 from distributed import REPO, assert_all_ok, run_ranks
 
@@ -111,6 +113,147 @@ def test_all_to_all_rows_are_the_uniform_routing_expectation(moe, ep, dedup):
     planned = rows_per_token(moe, ep, dedup)
     assert planned.rows == pytest.approx(measured.rows_per_token, rel=0.01)
     assert planned.off_rank == pytest.approx(measured.off_rank_rows_per_token, rel=0.01)
+
+
+def every_route(moe: MoEConfig) -> list[tuple[int, ...]]:
+    """Every K-subset of experts uniform routing may pick, each once: all equally likely (for
+    two-level, every choice of groups pools as many subsets)."""
+    E, K = moe.num_experts, moe.top_k
+    if moe.router != "two_level":
+        return list(combinations(range(E), K))
+    G, J, X = moe.num_groups, moe.top_groups, moe.experts_per_group
+    pools = ([g * X + x for g in groups for x in range(X)] for groups in combinations(range(G), J))
+    return [route for pool in pools for route in combinations(pool, K)]
+
+
+def counted(
+    routes: list[tuple[tuple[int, ...], int]], X: int, L: int, dedup: bool, hierarchical: bool
+) -> tuple[float, float]:
+    """Mean rows a token sends over the network and over NVLink, the dispatcher's way, over
+    (experts, source rank) pairs (X experts a rank, L ranks a node): flat, each row straight to
+    its rank; hierarchical, once to each other node, to the rank of the source's local index,
+    which forwards to the ranks of its node and keeps its own."""
+    inter = intra = 0
+    for experts, src in routes:
+        ranks = [e // X for e in experts]
+        node, local = divmod(src, L)
+        rows = set(ranks) if dedup else ranks  # one row per rank, or per slot
+        if hierarchical:
+            inter += len({r // L for r in ranks} - {node})
+            intra += sum(r % L != local for r in rows)
+        else:
+            inter += sum(r // L != node for r in rows)
+            intra += sum(r // L == node and r != src for r in rows)
+    return inter / len(routes), intra / len(routes)
+
+
+SMALL = MoEConfig(d_model=8, d_ff=8, num_experts=8, top_k=2)
+
+
+def small_groups(num_experts: int, num_groups: int, top_groups: int) -> MoEConfig:
+    return MoEConfig(d_model=8, d_ff=8, num_experts=num_experts, top_k=2, router="two_level",
+                     num_groups=num_groups, top_groups=top_groups)  # fmt: skip
+
+
+def test_nodes_touched_is_the_mean_over_every_pair_of_experts():
+    """E=8, k=2, EP=4 on 2 nodes of 2 ranks (4 experts a node): of the C(8, 2) = 28 pairs, the
+    C(4, 2) = 6 inside each node touch one node, the other 16 both: 2 - 12 / 28 = 11 / 7."""
+    pairs = every_route(SMALL)
+    assert len(pairs) == 28
+    mean = sum(len({e // 4 for e in pair}) for pair in pairs) / len(pairs)
+    assert mean == pytest.approx(11 / 7) and nodes_touched(SMALL, 4, 2) == pytest.approx(mean)
+
+
+@pytest.mark.parametrize("hierarchical", [False, True], ids=["flat", "hierarchical"])
+@pytest.mark.parametrize("dedup", [False, True], ids=["slots", "dedup"])
+@pytest.mark.parametrize(
+    ("moe", "ep", "per_node"),
+    [(SMALL, 4, 2), (small_groups(8, 4, 2), 4, 2), (small_groups(8, 2, 1), 8, 2),
+     (small_groups(24, 4, 1), 12, 2)],
+    ids=["flat-router", "nodes-hold-groups", "groups-span-nodes", "nodes-straddle-groups"],
+)  # fmt: skip
+def test_rows_over_each_link_are_every_route_counted(moe, ep, per_node, dedup, hierarchical):
+    routes = [(r, src) for r in every_route(moe) for src in range(ep)]
+    inter, intra = counted(routes, moe.num_experts // ep, per_node, dedup, hierarchical)
+    planned = rows_per_token(moe, ep, dedup, per_node, hierarchical)
+    assert planned.off_node == pytest.approx(inter, rel=1e-12)
+    assert planned.intra_node == pytest.approx(intra, rel=1e-12)
+    if hierarchical:  # the first hop: one row per node touched, its own node's kept
+        assert planned.hops[0] == pytest.approx(nodes_touched(moe, ep, per_node))
+
+
+@pytest.mark.parametrize(
+    ("moe", "ep", "per_node"), [(FLAT, 16, 4), (TWO_LEVEL, 16, 4), (TWO_LEVEL, 64, 8)],
+    ids=["flat-ep16", "two-level-ep16", "two-level-ep64"],
+)  # fmt: skip
+def test_hierarchical_rows_are_the_uniform_routing_expectation(moe, ep, per_node):
+    idx_TK = uniform_routing(moe, 20_000, torch.Generator().manual_seed(0))
+    routes = [(tuple(r), t % ep) for t, r in enumerate(idx_TK.tolist())]
+    inter, intra = counted(routes, moe.num_experts // ep, per_node, True, True)
+    planned = rows_per_token(moe, ep, True, per_node, hierarchical=True)
+    assert planned.off_node == pytest.approx(inter, rel=0.01)
+    assert planned.intra_node == pytest.approx(intra, rel=0.01)
+
+
+def test_two_level_groups_on_nodes_bound_the_nodes_a_token_reaches():
+    """DeepSeek-V3's 8 groups, top-4: on 8 or 4 nodes (each holding whole groups) a token
+    reaches at most 4 nodes, so at most 4 rows cross the network; on 16 (each group 2 nodes)
+    at most 8. Counted by hand: nodes holding 2 of 4 groups, top-2."""
+    moe = get_preset("deepseek_v3").moe
+    for ep, nodes in ((64, 8), (32, 4), (128, 16)):
+        reach = moe.top_groups * max(nodes // moe.num_groups, 1)
+        assert nodes_touched(moe, ep, 8) <= reach
+        assert rows_per_token(moe, ep, True, 8, hierarchical=True).off_node <= reach
+    small = small_groups(8, 4, 2)
+    assert max(len({e // 4 for e in r}) for r in every_route(small)) == small.top_groups
+    assert rows_per_token(small, 4, True, 2, hierarchical=True).off_node <= small.top_groups
+
+
+def dsv3_plans(ep: int, gpus: int = 64):
+    from xpar.plan.__main__ import planned_job
+    from xpar.plan.gpus import get_gpu
+    from xpar.plan.planner import Cluster, plan_job
+
+    cluster = Cluster(gpus, 8, get_gpu("h200"))
+    plans = {}
+    for a2a in ("flat", None):
+        given = [f"parallel.a2a={a2a}"] if a2a else []
+        cfg, _ = planned_job(["model=deepseek_v3", f"parallel.ep_size={ep}", *given], gpus)
+        plans[a2a or "auto"] = plan_job(cfg, cluster)
+    return plans, cluster
+
+
+@pytest.mark.parametrize("ep", [16, 64])
+def test_hierarchical_sends_deepseek_v3_fewer_bytes_over_the_network_on_8_nodes(ep):
+    plans, cluster = dsv3_plans(ep)
+    flat, hier = plans["flat"], plans["auto"]
+    assert (flat.a2a, hier.a2a) == ("flat", "hierarchical")
+    assert "parallel.a2a=flat" in flat.overrides and "parallel.a2a" not in hier.overrides
+    gb = {p.a2a: p.time.a2a_gb for p in (flat, hier)}
+    assert gb["hierarchical"]["inter_node"] < gb["flat"]["inter_node"]
+    assert gb["hierarchical"]["intra_node"] > gb["flat"]["intra_node"]
+    # The flat all-to-all drives both links at once; the hierarchical one's hops run in turn.
+    gbps = {"intra_node": cluster.gpu.nvlink_gbps, "inter_node": cluster.gpu.network_gbps}
+    link = {k: v * 1e9 * cluster.efficiency.network for k, v in gbps.items()}
+    alone = {p.a2a: {k: p.time.a2a_gb[k] * 1e9 / link[k] for k in link} for p in (flat, hier)}
+    assert flat.time.all_to_all == pytest.approx(max(alone["flat"].values()))
+    assert hier.time.all_to_all == pytest.approx(sum(alone["hierarchical"].values()))
+
+
+@pytest.mark.parametrize(
+    ("gpus", "per_node", "ep"),
+    [(16, 8, 8), (16, 8, 16), (16, 4, 8), (8, 8, 8), (32, 8, 4), (16, 8, 1), (32, 8, 32)],
+)
+def test_the_all_to_all_is_hierarchical_exactly_where_ep_spans_nodes(capsys, gpus, per_node, ep):
+    argv = ["model=olmoe_1b_7b", f"parallel.ep_size={ep}", "--gpus", str(gpus),
+            "--gpus-per-node", str(per_node)]  # fmt: skip
+    spans = ep > per_node and ep % per_node == 0
+    code, out, err = run_plan(capsys, *argv, "--json")
+    assert code == 0, err
+    assert json.loads(out)["plan"]["layout"]["a2a"] == ("hierarchical" if spans else "flat")
+    code, out, err = run_plan(capsys, *argv)
+    assert code == 0, err
+    assert f"a2a {'hierarchical' if spans else 'flat'})" in out
 
 
 def run_plan(capsys, *argv: str) -> tuple[int, str, str]:
@@ -238,8 +381,17 @@ def test_recompute_trades_memory_for_time_in_the_plan(capsys):
         (["--gpus", "0"], "--gpus=0 must be >= 1"),
         (["--bogus"], "--bogus: not a planner option"),
         (["data.batch_size=6", "--gpus", "4"], "data.batch_size=6 is not divisible"),
+        (
+            ["parallel.ep_size=8", "parallel.a2a=hierarchical", "--gpus", "16"],
+            "parallel.a2a=hierarchical needs each EP group to span whole nodes",
+        ),
+        (
+            ["parallel.ranks_per_node=4", "--gpus", "16"],
+            "parallel.ranks_per_node=4 is not the planner's 8 GPUs a node",
+        ),
+        (["--gpus", "12"], "--gpus=12 is not a whole number of nodes of --gpus-per-node=8"),
     ],
-    ids=["gpu_name", "layout", "key", "gpu_count", "flag", "batch"],
+    ids=["gpu_name", "layout", "key", "gpu_count", "flag", "batch", "a2a", "node_size", "nodes"],
 )
 def test_bad_input_is_one_line_from_the_trainers_checks(capsys, argv, message):
     code, out, err = run_plan(capsys, *argv)

@@ -71,6 +71,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise UserError(f"--gpus={args.gpus} must be >= 1")
     if args.gpus_per_node < 1:
         raise UserError(f"--gpus-per-node={args.gpus_per_node} must be >= 1")
+    if args.gpus > args.gpus_per_node and args.gpus % args.gpus_per_node:
+        raise UserError(
+            f"--gpus={args.gpus} is not a whole number of nodes of --gpus-per-node="
+            f"{args.gpus_per_node}; use a multiple of it"
+        )
     if args.top < 1:
         raise UserError(f"--top={args.top} must be >= 1")
     for f in dataclasses.fields(Efficiency):
@@ -201,7 +206,10 @@ def run(argv: list[str]) -> int:
         print(json.dumps(out, indent=1))
         return 0
     lines = header(cfg, cluster, model_name(overrides), notes)
-    layout = f"{plan.overrides} (backend {plan.backend.name}, accumulation {plan.accumulation})"
+    layout = (
+        f"{plan.overrides} (backend {plan.backend.name}, accumulation {plan.accumulation}, "
+        f"a2a {plan.a2a})"
+    )
     lines += ["", f"layout: {layout}"]
     lines += memory_table(plan) + time_table(plan, cluster)
     if not plan.fits and not args.search:

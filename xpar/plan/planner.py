@@ -2,11 +2,13 @@
 layout its config names or (search) for every layout of ep_size x recompute x backend x
 micro-batch the trainer would take (backends: deepspeed=none|zero1|zero2, and
 parallel.shard=fsdp over all ranks or, HSDP, over each node; with parallel.offload too when
-nothing else fits).
+nothing else fits). The all-to-all is the trainer's: parallel.a2a, or by default hierarchical
+where an EP group spans whole nodes (nodes of the cluster's gpus_per_node ranks).
 
 Memory: the model state (xpar.plan.state, exact), one micro-batch's activations
 (xpar.plan.activations; gradient accumulation holds one at a time), the all-to-all's send and
-receive buffers of one layer, and the gradient buffers of the backend: DDP's buckets (a copy
+receive buffers of one layer (hierarchical: the second hop's, and the first hop's rows it
+forwards), and the gradient buffers of the backend: DDP's buckets (a copy
 of the dense gradients) and the expert gradients flattened for their reduce under
 `deepspeed=none`; DeepSpeed's reduce bucket and the fp32 copy of the gradient partition its
 step makes under ZeRO, and under ZeRO-1 with gradient accumulation the whole gradients it keeps
@@ -38,7 +40,8 @@ from itertools import product
 from xpar.checks import UserError
 from xpar.config import TrainConfig
 from xpar.model import RECOMPUTE_MODES
-from xpar.parallel.mesh import check_layout
+from xpar.parallel import ParallelConfig
+from xpar.parallel.mesh import check_layout, hierarchical_a2a
 from xpar.plan.activations import ActivationBytes, activation_bytes
 from xpar.plan.gpus import GPU
 from xpar.plan.state import (
@@ -53,7 +56,7 @@ from xpar.plan.state import (
     state_bytes,
 )
 from xpar.plan.timing import Efficiency, Job, StepTime, step_time
-from xpar.plan.traffic import RowsPerToken, rows_per_token
+from xpar.plan.traffic import NO_ROWS, RowsPerToken, rows_per_token
 
 GIB = 2**30
 RESERVE_GIB = 3.0
@@ -123,6 +126,8 @@ class Plan:
     # The model as parallelize() builds it in host memory before any backend takes it: fp32,
     # dense whole and this rank's experts.
     startup_host_bytes: int = 0
+    a2a: str = "flat"  # the all-to-all this layout runs: flat or hierarchical
+    a2a_setting: str | None = None  # parallel.a2a as the config gives it (None: auto)
 
     @property
     def stage(self) -> int:
@@ -153,8 +158,9 @@ class Plan:
     @property
     def overrides(self) -> str:
         """The command-line settings of this layout."""
+        a2a = f" parallel.a2a={self.a2a_setting}" if self.a2a_setting else ""
         return (
-            f"parallel.ep_size={self.ep_size} trainer.recompute={self.recompute} "
+            f"parallel.ep_size={self.ep_size}{a2a} trainer.recompute={self.recompute} "
             f"{self.backend.overrides} data.micro_batch_size={self.micro_batch}"
         )
 
@@ -216,11 +222,31 @@ def fsdp_optimizer_elements(
     return total
 
 
+def on_nodes(parallel: ParallelConfig, cluster: Cluster) -> ParallelConfig:
+    """`parallel` with the cluster's node size, which the planner's timing assumes."""
+    L, given = cluster.gpus_per_node, parallel.ranks_per_node
+    if given is not None and given != L:
+        raise UserError(
+            f"parallel.ranks_per_node={given} is not the planner's {L} GPUs a node; plan with "
+            f"--gpus-per-node {given}, or drop parallel.ranks_per_node"
+        )
+    return dataclasses.replace(parallel, ranks_per_node=L)
+
+
+def a2a_buffer_rows(rows: RowsPerToken) -> float:
+    """Rows a token has in all-to-all buffers at once: a hop's out and in, and the rows the hop
+    before it received (the input it gathers from)."""
+    held = [2 * r + (rows.hops[i - 1] if i else 0.0) for i, r in enumerate(rows.hops)]
+    return max(held)
+
+
 def plan_job(cfg: TrainConfig, cluster: Cluster, inv: ParamInventory | None = None) -> Plan:
     """The plan of `cfg`'s own layout on `cluster`; the trainer's own errors for a layout it
     would refuse."""
     W = cluster.gpus
-    check_layout(cfg.parallel, cfg.moe, W)
+    parallel = on_nodes(cfg.parallel, cluster)
+    check_layout(parallel, cfg.moe, W)
+    a2a = "hierarchical" if hierarchical_a2a(parallel, W) else "flat"
     micro, accum = cfg.data.accumulation(dp_world=W)
     inv = inv or inventory(cfg)
     model, tc, P = cfg.model_config(), cfg.trainer, cfg.parallel.ep_size
@@ -235,11 +261,14 @@ def plan_job(cfg: TrainConfig, cluster: Cluster, inv: ParamInventory | None = No
         all_to_all=W > 1 and model.moe is not None,  # parallelize() uses it on any world > 1
         bf16_weights=(stage > 0 or fsdp) and nbytes == 2,  # DeepSpeed's bf16, FSDP's gathers
     )  # fmt: skip
-    rows = rows_per_token(model.moe, P, dedup, cluster.gpus_per_node) if model.moe else None
+    rows = NO_ROWS
+    if model.moe is not None:
+        rows = rows_per_token(model.moe, P, dedup, cluster.gpus_per_node, a2a == "hierarchical")
     tokens_micro = micro * cfg.data.seq_len
     buffers = {"all_to_all": 0, "gradients": 0}
-    if rows is not None and P > 1:  # one layer's rows out and in, dispatch or combine
-        buffers["all_to_all"] = int(2 * tokens_micro * rows.rows * model.d_model * act_bytes)
+    if P > 1:  # one layer's rows in flight, dispatch or combine
+        held = a2a_buffer_rows(rows)
+        buffers["all_to_all"] = int(tokens_micro * held * model.d_model * act_bytes)
     dense_trained, expert_trained = sum(inv.dense_groups), inv.expert_trained // P
     if fsdp:
         buffers.update(fsdp_buffers(inv, W, P, S, nbytes, accum, backend.reduce_micro_steps))
@@ -269,15 +298,14 @@ def plan_job(cfg: TrainConfig, cluster: Cluster, inv: ParamInventory | None = No
         offload=backend.offload,
         reduce_micro_steps=backend.reduce_micro_steps,
         accumulation=accum,
+        a2a=a2a,
     )
-    time = step_time(
-        model, job, inv, rows or RowsPerToken(0.0, 0.0, 0.0), optimizer_elements, cluster.gpu,
-        cluster.efficiency,
-    )  # fmt: skip
+    time = step_time(model, job, inv, rows, optimizer_elements, cluster.gpu, cluster.efficiency)
     return Plan(
         P, tc.recompute, backend, micro, accum, state, acts, buffers, time,
         cluster.gpu.memory_gib * GIB, cluster.gpu.host_memory_gib * GIB,
         FP32 * (inv.total - (inv.expert_trained + inv.frozen_expert) * (P - 1) // P),
+        a2a, cfg.parallel.a2a,
     )  # fmt: skip
 
 

@@ -84,7 +84,8 @@ def time_table(p: Plan, cluster: Cluster) -> list[str]:
         (
             "all-to-all",
             t.all_to_all,
-            f"{t.a2a_gb['intra_node']:.2f} GB NVLink, {t.a2a_gb['inter_node']:.2f} GB network",
+            f"{p.a2a}: {t.a2a_gb['intra_node']:.2f} GB NVLink, "
+            f"{t.a2a_gb['inter_node']:.2f} GB network",
         ),
         ("gradient reduction", t.grad_reduce, ""),
         ("optimizer step", t.optimizer, "on the host" if p.backend.offload else ""),
@@ -109,13 +110,14 @@ def search_table(plans: list[Plan], top: int) -> list[str]:
     lines = [
         f"{len(fitting)} of {len(plans)} layouts fit"
         + ("; fastest first:" if fitting else "; none fits, the smallest:"),
-        f"  {'ep':>4} {'recompute':<9} {'backend':<14} {'micro':>5} {'GiB':>8} {'step s':>8} "
-        f"{'MFU':>6}  settings",
+        f"  {'ep':>4} {'a2a':<12} {'recompute':<9} {'backend':<14} {'micro':>5} {'GiB':>8} "
+        f"{'step s':>8} {'MFU':>6}  settings",
     ]
     for p in shown:
         lines.append(
-            f"  {p.ep_size:>4} {p.recompute:<9} {p.backend.name:<14} {p.micro_batch:>5} "
-            f"{p.peak_bytes / GIB:8.1f} {p.time.total:8.3f} {p.time.mfu:6.1%}  {p.overrides}"
+            f"  {p.ep_size:>4} {p.a2a:<12} {p.recompute:<9} {p.backend.name:<14} "
+            f"{p.micro_batch:>5} {p.peak_bytes / GIB:8.1f} {p.time.total:8.3f} {p.time.mfu:6.1%}"
+            f"  {p.overrides}"
         )
     return lines
 
@@ -127,6 +129,7 @@ def as_json(plan: Plan) -> dict[str, Any]:
     return {
         "layout": {
             "ep_size": plan.ep_size,
+            "a2a": plan.a2a,
             "recompute": plan.recompute,
             "backend": plan.backend.name,
             "zero_stage": plan.stage,

@@ -6,6 +6,10 @@ compute, so nothing hides behind anything else. Compute is FLOPs over peak times
 fraction (`Efficiency`, stated and overridable); attention's S x S matmuls are counted causal
 (half the square); communication is bytes over the link bandwidth times `network`.
 
+The all-to-all's rows (xpar.plan.traffic) cross NVLink inside a node and the NIC beyond. A flat
+all-to-all drives both at once, so the slower sets its pace; a hierarchical one runs its hops
+in turn (to the nodes over the NIC, then inside each node over NVLink), so their times add.
+
 Under `parallel.shard=fsdp` the collectives are FSDP2's, summed the same way (no overlap with
 compute nor with each other, though FSDP prefetches the next unit's all-gather behind the
 current unit's compute, so the sum is an upper bound): in every micro-step each unit's
@@ -65,6 +69,7 @@ class Job:
     offload: bool = False
     reduce_micro_steps: bool = False  # fsdp: a reduce-scatter every micro-step
     accumulation: int = 1  # micro-steps a step
+    a2a: str = "flat"  # parallel.a2a, resolved: flat or hierarchical
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ def _forward_flops(cfg: ModelConfig, job: Job) -> dict[str, float]:
 def _all_to_all(cfg: ModelConfig, job: Job, rows: RowsPerToken, gpu: GPU, eff: Efficiency):
     """(seconds, GB intra-node, GB inter-node) of the step's all-to-alls on one GPU: each MoE
     layer's dispatch and combine, forward and backward (4 crossings), and the forward two
-    again in a fully recomputed layer."""
+    again in a fully recomputed layer (see the module docstring for the links)."""
     if job.ep_size == 1:
         return 0.0, 0.0, 0.0
     row_bytes = cfg.d_model * job.act_bytes
@@ -138,13 +143,11 @@ def _all_to_all(cfg: ModelConfig, job: Job, rows: RowsPerToken, gpu: GPU, eff: E
     for i in cfg.moe_layer_ids():
         crossings = 6 if _recomputed(i, job) and job.recompute == "full" else 4
         per_row = crossings * row_bytes + crossings // 2 * cfg.moe.top_k * ROW_META_BYTES
-        intra = job.tokens * (rows.off_rank - rows.off_node) * per_row
+        intra = job.tokens * rows.intra_node * per_row
         inter = job.tokens * rows.off_node * per_row
-        # NCCL drives NVLink and the NIC at once: the slower of the two sets the pace.
-        seconds += max(
-            intra / (gpu.nvlink_gbps * 1e9 * eff.network),
-            inter / (gpu.network_gbps * 1e9 * eff.network),
-        )
+        nvlink = intra / (gpu.nvlink_gbps * 1e9 * eff.network)
+        network = inter / (gpu.network_gbps * 1e9 * eff.network)
+        seconds += nvlink + network if job.a2a == "hierarchical" else max(nvlink, network)
         intra_gb, inter_gb = intra_gb + intra / 1e9, inter_gb + inter / 1e9
     return seconds, intra_gb, inter_gb
 
