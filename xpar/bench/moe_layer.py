@@ -7,8 +7,9 @@ and peer implementations, all in one process and one run.
 Rows: the dense SwiGLU over T*k rows (the practical ceiling), Hugging Face Mixtral's sparse
 block (grouped_mm and eager experts), DeepSpeed-MoE (capacity 1.0, 1.25, dropless), xpar
 dropless, xpar's expert-parallel code path at ep_size=1, xpar cf=1.25 and xpar two-level.
-Then, unless --a2a-steps=0, an estimate of all-to-all traffic at shape B for EP=8 and EP=64
-from the routing of tiny models trained here (xpar.bench.a2a_estimate).
+Then, unless --a2a-steps=0, an estimate of all-to-all traffic per rank at shape B, off the
+rank and across nodes, for flat, rank-dedup and hierarchical dispatch at EP=8 (one node) and
+EP=64 (8 nodes x 8), from the routing of tiny models trained here (xpar.bench.a2a_estimate).
 
 Columns: mean ms per forward + backward, TFLOPS of the expert matmuls (18 * T * k * D * F per
 step, whatever a row drops), that as a fraction of the dense row's, and peak device memory.
