@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [
     "launch/torchrun.sh",
     "launch/debug.sh",
+    "launch/gpu_check.sh",
     "launch/slurm/train.sbatch",
     "launch/slurm/submit.sh",
 ]

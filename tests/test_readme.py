@@ -54,6 +54,7 @@ SKIPPED = {
     "python -m pytest -q": "the test suite, this test among them",
     "launch/debug.sh": GPU_FIRST_RUN,
     "launch/debug.sh --anomaly": GPU_FIRST_RUN,
+    "launch/gpu_check.sh": "a GPU (tests/test_gpu_check.py runs launch/gpu_check.sh --cpu)",
     "launch/debug.sh model=moe_300m data.vocab_size=1024 trainer.max_steps=20": GPU_FIRST_RUN,
     "python -m xpar.train [group=option ...] [key=value ...]": "a synopsis: [...] are placeholders",
     "python -m xpar.train model=moe_300m data.vocab_size=1024 deepspeed=zero2 trainer.precision=bf16": (  # noqa: E501

@@ -65,6 +65,10 @@ def test_deepspeed_config_follows_the_hydra_config():
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 3e-4
     bf16 = deepspeed_config(build(["deepspeed=zero1", "trainer.precision=bf16"]), 1, 1, 1)
     assert bf16["bf16"] == {"enabled": True} and "fp16" not in bf16
+    # trainer.precision=auto is the trainer's: bf16 on a GPU (autocast and DeepSpeed agree)
+    auto = build(["deepspeed=zero2", "trainer.precision=auto"])
+    assert deepspeed_config(auto, 1, 1, 1, "cuda")["bf16"] == {"enabled": True}
+    assert "bf16" not in deepspeed_config(auto, 1, 1, 1, "cpu")
 
 
 def test_expert_banks_get_their_own_moe_group():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import tempfile
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu", action="store_true", help="tiny wide-F model on the CPU")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="also write one line a row here")
     args = parser.parse_args(argv)
     cuda = not args.cpu and torch.cuda.is_available()
     if cuda:
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{device}; {' '.join(base)}; {steps} timed steps; {what}, GiB")
     print(f"{'recompute':<10}{'micro':>6}{'planned':>10}{'measured':>10}{'ratio':>7}"
           f"{'tokens/s':>11}{'vs none':>8}")  # fmt: skip
+    rows = []
     for micro in micros:
         ref = None
         for mode in MODES:
@@ -88,6 +91,19 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['planned'] / r['measured']:>7.3f}{r['tokens_per_s']:>11.0f}"
                 f"{r['tokens_per_s'] / ref:>8.2f}"
             )
+            rows.append(
+                {
+                    "device": device,
+                    "recompute": mode,
+                    "micro_batch": micro,
+                    "planned_GiB": r["planned"] / GIB,
+                    "measured_GiB": r["measured"] / GIB,
+                    "tokens_per_s": r["tokens_per_s"],
+                    "what": what,
+                }
+            )
+    if args.json is not None:
+        args.json.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 if __name__ == "__main__":

@@ -73,15 +73,18 @@ class ExpertGroups(MoE):
         raise RuntimeError("ExpertGroups only marks the model for DeepSpeed; it has no forward")
 
 
-def deepspeed_config(cfg: TrainConfig, micro: int, accum: int, world: int) -> dict[str, Any]:
-    """The DeepSpeed config for a job: batch sizes, precision, clipping, ZeRO and AdamW.
+def deepspeed_config(
+    cfg: TrainConfig, micro: int, accum: int, world: int, device_type: str = "cpu"
+) -> dict[str, Any]:
+    """The DeepSpeed config for a job on `device_type`: batch sizes, precision (trainer.precision
+    with auto resolved as the trainer resolves it), clipping, ZeRO and AdamW.
 
     The learning-rate schedule stays xpar's (warmup then cosine/linear/constant, stepped by the
     trainer on every step): DeepSpeed's WarmupCosineLR warms up differently by a step, and
     runs must match across deepspeed=none|zero1|zero2.
     """
     ds, optim = cfg.deepspeed, cfg.optim
-    precision = cfg.trainer.precision
+    precision = cfg.trainer.precision_on(device_type)
     config: dict[str, Any] = {
         "train_batch_size": micro * accum * world,
         "train_micro_batch_size_per_gpu": micro,
@@ -183,7 +186,7 @@ def initialize(pm: ParallelModel, cfg: TrainConfig, micro: int, accum: int):
     # DeepSpeed broadcasts every parameter it does not take for an expert from rank 0 when it
     # starts: unmarked (frozen) experts would all become rank 0's. Put each rank's own back.
     own_banks = [p.detach().clone() for p in pm.expert_params] if moe is None else []
-    config = deepspeed_config(cfg, micro, accum, layout.world)
+    config = deepspeed_config(cfg, micro, accum, layout.world, pm.mesh.device.type)
     fused = pm.mesh.device.type == "cuda" if cfg.optim.fused is None else cfg.optim.fused
     if fused:
         config["optimizer"]["params"]["fused"] = True
