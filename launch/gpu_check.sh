@@ -5,9 +5,12 @@
 #   launch/gpu_check.sh [--cpu]
 #     --cpu   tiny shapes on the CPU, GPU tests skipped (the test suite runs it)
 # Writes $OUT/gpu_report.md and $OUT/gpu_report.jsonl (OUT unset: ./gpu_check_<time>) and exits
-# 1 if any step failed, after running the others. Without deepspeed, hydra and the rest
-# installed, it installs the wheels in $XPAR_WHEELS (default: .whl in the checkout, as
-# ../shared/gpu/wheels.sh collects them) into a scratch directory first.
+# 1 if any step failed, after running the others. Without deepspeed, hydra, pytest and the
+# rest installed, it installs the wheels in $XPAR_WHEELS (default: .whl in the checkout) into a
+# scratch directory first: on a machine without registry access, collect them beforehand where
+# there is one (../shared/gpu/wheels.sh .whl, and pytest's:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#     pytest pluggy iniconfig).
 set -euo pipefail
 
 XPAR_HOME="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,9 +22,9 @@ case "${1:-}" in
 esac
 
 wheels="${XPAR_WHEELS:-$XPAR_HOME/.whl}"
-if ! "$py" -c 'import deepspeed, hydra, omegaconf, wandb, datasets' 2> /dev/null; then
+if ! "$py" -c 'import deepspeed, hydra, omegaconf, wandb, datasets, pytest' 2> /dev/null; then
   if ! compgen -G "$wheels/*.whl" > /dev/null; then
-    echo "launch/gpu_check.sh: error: deepspeed, hydra-core, wandb or datasets is missing and" \
+    echo "launch/gpu_check.sh: error: deepspeed, hydra-core, wandb, datasets or pytest is missing and" \
       "$wheels holds no wheels; pip install -e . (or collect them with wheels.sh)" >&2
     exit 2
   fi
