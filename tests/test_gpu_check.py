@@ -37,7 +37,7 @@ def test_the_cpu_run_writes_every_section_and_a_row_per_figure(tmp_path):
     ]  # fmt: skip
     assert by["backends"][0]["vs_none"] == 1.0
     assert {(m["recompute"], m["micro_batch"]) for m in by["memory"]} == {
-        (mode, micro) for mode in ("none", "experts", "full") for micro in (2, 4)
+        (mode, 2) for mode in ("none", "experts", "full")
     }
     assert all(m["planned_GiB"] > 0 and m["measured_GiB"] > 0 for m in by["memory"])
     targets = [t["target"] for t in by["target"]]

@@ -83,7 +83,7 @@ def steps(cpu: bool, out: Path) -> list[Step]:
     if cpu:
         layer += ["--shapes", "small", "--iters", "1", "--warmup", "0"]
         backends += ["--cpu", "--steps", "2", "--warmup", "1"]
-        memory += ["--cpu", "--steps", "1", "--warmup", "0"]
+        memory += ["--cpu", "--steps", "1", "--warmup", "0", "--micro-batches", "2"]
         return [
             Step("gpu tests", tests, 300),
             Step("moe layer", layer, 300),

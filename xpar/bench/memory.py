@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write one line a row here")
+    parser.add_argument(
+        "--micro-batches", type=int, nargs="+", default=None, help="default: 4 8 (GPU), 2 4"
+    )
     args = parser.parse_args(argv)
     cuda = not args.cpu and torch.cuda.is_available()
     if cuda:
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'recompute':<10}{'micro':>6}{'planned':>10}{'measured':>10}{'ratio':>7}"
           f"{'tokens/s':>11}{'vs none':>8}")  # fmt: skip
     rows = []
-    for micro in micros:
+    for micro in args.micro_batches or micros:
         ref = None
         for mode in MODES:
             extra = [f"trainer.recompute={mode}", f"data.micro_batch_size={micro}"]
