@@ -12,7 +12,7 @@ except for their length, by one rule:
   the schema defaults (1500, 500) shortened the same way, appended (Hydra: the last value wins).
   Evaluation keeps its cadence, so a shortened run evaluates at its end, on one batch
   (`trainer.eval_batches=1` appended).
-- benchmarks: one timed iteration and two training steps (BENCH_FLAGS).
+- benchmarks: one timed iteration, two training steps and one micro-batch size (BENCH_FLAGS).
 
 A new block is run like any other, so it fails here until it runs on a CPU or SKIPPED lists it.
 """
@@ -41,7 +41,7 @@ TRAINS = re.compile(r"-m xpar\.train\b|launch/(torchrun|debug)\.sh\b")
 BENCH_FLAGS = {
     "python -m xpar.bench.moe_layer": "--iters 1 --warmup 0 --a2a-steps 2",
     "python -m xpar.bench.backends": "--steps 2 --warmup 1",
-    "python -m xpar.bench.memory": "--steps 1 --warmup 0",
+    "python -m xpar.bench.memory": "--steps 1 --warmup 0 --micro-batches 2",
 }
 
 GPU_FIRST_RUN = "the first run on one GPU (tests/test_launch.py runs launch/debug.sh --cpu)"
