@@ -54,12 +54,18 @@ def ranks_per_node(parallel: ParallelConfig, world: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
 
+def spans_nodes(parallel: ParallelConfig, world: int) -> bool:
+    """Whether each EP group spans several whole nodes (its consecutive ranks start a node)."""
+    P, L = parallel.ep_size, ranks_per_node(parallel, world)
+    return P > L and P % L == 0
+
+
 def hierarchical_a2a(parallel: ParallelConfig, world: int) -> bool:
     """Whether the EP all-to-all runs in two hops (xpar.parallel.dispatcher): parallel.a2a, or
     by default whenever an EP group spans whole nodes."""
-    P, L = parallel.ep_size, ranks_per_node(parallel, world)
-    spans_nodes = P > L and P % L == 0
-    return spans_nodes if parallel.a2a is None else parallel.a2a == "hierarchical"
+    if parallel.a2a is None:
+        return spans_nodes(parallel, world)
+    return parallel.a2a == "hierarchical"
 
 
 def check_layout(parallel: ParallelConfig, moe: MoEConfig | None, world: int) -> None:
@@ -85,7 +91,7 @@ def check_layout(parallel: ParallelConfig, moe: MoEConfig | None, world: int) ->
             f"parallel.ep_size={P} does not divide the world size {world}{launch}; use an "
             f"ep_size that divides the number of processes"
         )
-    if parallel.a2a == "hierarchical" and not (P > L and P % L == 0):
+    if parallel.a2a == "hierarchical" and not spans_nodes(parallel, world):
         raise UserError(
             f"parallel.a2a=hierarchical needs each EP group to span whole nodes, but "
             f"parallel.ep_size={P} is not a multiple of ranks_per_node={L} above it; use "
